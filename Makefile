@@ -1,0 +1,46 @@
+# privlora: `make demo` and `make test` install what they need, then run. Idempotent: a second run
+# does not reinstall (the stamp files record what is installed).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install demo test test-slow bench lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: 2.13.0 is a CPU wheel already on disk; anything that depends on torch later
+# then finds it satisfied instead of pulling the multi-GB CUDA build.
+$(VENV)/.torch: | $(VENV)/bin/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	touch $@
+
+$(STAMP): $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_time.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs demo

@@ -1,0 +1,125 @@
+"""Image folders with captions, in the layouts diffusers' and kohya's LoRA scripts read.
+
+Captions come from ``metadata.jsonl`` (lines ``{"file_name": ..., "text": ...}``) or from a ``.txt``
+sidecar beside each image. Grayscale, palette, RGBA (composited on white) and 16-bit images are
+converted; corrupt, truncated, non-image and decompression-bomb files are skipped with a warning and
+counted, never fatal unless nothing usable is left.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from privlora.data.imageset import ImageSet
+from privlora.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+METADATA = "metadata.jsonl"
+
+
+@dataclass
+class FolderReport:
+    """What loading a folder found: how many images were used and which files were skipped, why."""
+
+    loaded: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    uncaptioned: list[str] = field(default_factory=list)
+
+
+def _read_metadata(folder: Path) -> dict[str, str]:
+    path = folder / METADATA
+    if not path.exists():
+        return {}
+    captions: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[str(row["file_name"])] = str(row.get("text", ""))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path}:{number} is not a JSON object with 'file_name' and 'text'") from None
+    return captions
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode → 'L' (1 channel) or 'RGB' (3 channels), 16-bit scaled down, alpha on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * 255.0 if arr.max() <= 1 else arr, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def load_image(path: Path, *, channels: int, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """One image → ``[C, R, R]`` float in ``[-1, 1]``. Raises ``OSError``/``ValueError`` if unreadable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as probe:
+            probe.verify()  # catches truncated/corrupt files before decoding
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_mode(img, channels)
+    if center_crop:
+        img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
+    else:
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(arr)
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+def load_folder(folder: Path, *, channels: int, resolution: int, center_crop: bool = True,
+                default_caption: str | None = None) -> tuple[ImageSet, FolderReport]:
+    """Load every image under ``folder`` (recursively) with its caption."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of images")
+    meta = _read_metadata(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES)
+    report = FolderReport()
+    ids, tensors, captions = [], [], []
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        try:
+            tensors.append(load_image(path, channels=channels, resolution=resolution, center_crop=center_crop))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:
+            report.skipped[rel] = f"{type(e).__name__}: {e}"
+            continue
+        sidecar = path.with_suffix(".txt")
+        caption = meta.get(rel) if rel in meta else (
+            sidecar.read_text(encoding="utf-8").strip() if sidecar.exists() else default_caption)
+        if caption is None:
+            report.uncaptioned.append(rel)
+        ids.append(rel)
+        captions.append(caption if caption is not None else "")
+    others = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
+              and p.suffix.lower() != ".txt" and p.name != METADATA and not p.name.startswith(".")]
+    for p in others:
+        report.skipped[p.relative_to(folder).as_posix()] = "not an image file"
+    for rel, why in report.skipped.items():
+        warnings.warn(f"skipped {rel}: {why}", stacklevel=2)
+    if not tensors:
+        raise UserError(f"no usable images in {folder} ({len(report.skipped)} files skipped); "
+                        f"expected {', '.join(sorted(IMAGE_SUFFIXES))}")
+    report.loaded = len(tensors)
+    return ImageSet(ids=ids, pixels=torch.stack(tensors), captions=captions), report

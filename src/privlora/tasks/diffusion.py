@@ -1,0 +1,131 @@
+"""Diffusion Tasks: the denoising objective, shared by the pixel-space UNet and Stable Diffusion.
+
+A subclass says how to turn a batch into the clean input ``x0`` (pixels, or VAE latents) and how to
+call its denoiser; everything else — loss, attack features, sampling — is written once here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from privlora.tasks.lora import LoraSpec, add_lora, load_lora, save_lora
+
+
+class DiffusionTask(ABC):
+    """Base model + LoRA with the DDPM ε-prediction objective ``‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²``."""
+
+    model: nn.Module  # the unwrapped denoiser: LoRA is injected here and saved from here
+    denoiser: nn.Module  # what forward passes call: ``model`` itself, or DP's per-sample-grad wrapper
+    scheduler: DDPMScheduler
+    needs_captions = False
+    base_name: str
+    diffusers_prefix = "unet"
+
+    def __init__(self, lora: LoraSpec | None, *, seed: int) -> None:
+        self.lora = lora
+        self._lora_params = add_lora(self.model, lora, seed=seed) if lora is not None else []
+
+    # --- what a subclass provides -------------------------------------------------------------
+    @abstractmethod
+    def encode(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Clean model input ``x0`` for the batch (pixels or latents)."""
+
+    @abstractmethod
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """ε_θ(x_t, t | batch conditioning)."""
+
+    # --- Task protocol ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.lora is None:  # full fine-tuning (benchmark baseline)
+            return [p for p in self.model.parameters() if p.requires_grad]
+        return list(self._lora_params)
+
+    def sample_t_noise(self, x0: torch.Tensor, generator: torch.Generator | None,
+                       timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random (or given) timesteps and Gaussian noise for ``x0``; drawn on CPU so seeds match."""
+        n = x0.shape[0]
+        if timesteps is None:
+            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        return timesteps.to(x0.device), noise.to(x0.device)
+
+    def predict_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                      batch: dict[str, Any] | None = None) -> torch.Tensor:
+        """ε_θ at ``x_t = add_noise(x0, noise, t)`` — used by training and the loss-based attacks."""
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        return self._denoise(x_t, t, batch or {})
+
+    def squared_error(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                      timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-element squared error map ``[B, C, H, W]`` of one denoising step."""
+        x0 = self.encode(batch)
+        t, noise = self.sample_t_noise(x0, generator, timesteps)
+        pred = self.predict_noise(x0, t, noise, batch)
+        return (pred.float() - noise.float()) ** 2
+
+    def per_sample_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.squared_error(batch, generator).flatten(1).mean(1)
+
+    def attack_features(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The flattened per-element error map: what SMP-LoRA's proxy attacker sees (Luo et al. 2024)."""
+        return self.squared_error(batch, generator).flatten(1)
+
+    # --- adapters -----------------------------------------------------------------------------
+    def save_adapter(self, path: str | Path) -> None:
+        if self.lora is None:
+            raise ValueError("full fine-tuning has no adapter to save")
+        save_lora(self.model, self.lora, Path(path), diffusers_prefix=self.diffusers_prefix,
+                  base_model=self.base_name)
+
+    def load_adapter(self, path: str | Path) -> None:
+        load_lora(self.model, Path(path))
+
+    # --- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator, steps: int = 50,
+               batch: dict[str, Any] | None = None) -> torch.Tensor:
+        """DDIM sampling (η=0) of ``n`` model inputs, returned in model space ``[-1, 1]``."""
+        ddim = DDIMScheduler.from_config(self.scheduler.config)
+        ddim.set_timesteps(steps)
+        x = torch.randn((n, *self.sample_shape()), generator=generator).to(self.device)
+        cond = batch or {}
+        for t in ddim.timesteps:
+            eps = self._denoise(x, t.expand(n).to(self.device), cond)
+            x = ddim.step(eps, t, x).prev_sample
+        return x
+
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one model input ``(C, H, W)``."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run the base model alone (LoRA layers bypassed), e.g. to compare against the base."""
+        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+    @abstractmethod
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space (pixels or latents) → pixels in ``[-1, 1]``."""

@@ -1,0 +1,106 @@
+"""Resolve ``--base`` to a Task: the embedded UNet, a diffusers UNet2DModel folder, or an SD pipeline.
+
+Weights load from safetensors only. A pickle checkpoint (``.bin``, ``.ckpt``, ``.pt``, ``.pth``,
+``.pkl``) can run code when unpickled, so it is refused unless ``trust_pickle`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from privlora.errors import UserError
+from privlora.tasks.diffusion import DiffusionTask
+from privlora.tasks.embedded import EMBEDDED, load_embedded
+from privlora.tasks.lora import LoraSpec
+
+PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
+
+
+def _refuse_pickle(folder: Path, trust_pickle: bool) -> bool:
+    """True if the folder must be loaded from pickle weights (allowed only when trusted)."""
+    has_safe = any(folder.rglob("*.safetensors"))
+    has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in folder.rglob("*") if p.is_file())
+    if has_pickle and not has_safe:
+        if not trust_pickle:
+            raise UserError(f"{folder} holds only pickle weights, which can execute code when loaded; "
+                            "convert them to safetensors or pass --trust-pickle if you trust the source")
+        return True
+    return False
+
+
+def load_task(base: str, lora: LoraSpec | None, *, seed: int = 0, trust_pickle: bool = False,
+              device: str = "cpu") -> DiffusionTask:
+    """Build the Task for ``base`` with LoRA ``lora`` attached (``None``: full fine-tuning)."""
+    task: DiffusionTask
+    if base == EMBEDDED:
+        from privlora.tasks.unet import UNetTask
+
+        unet, scheduler, _ = load_embedded()
+        task = UNetTask(unet, scheduler, lora, base_name=EMBEDDED, seed=seed)
+        return _to_device(task, device)
+    path = Path(base)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES and not trust_pickle:
+            raise UserError(f"{path} is a pickle checkpoint, which can execute code when loaded; "
+                            "use safetensors weights or pass --trust-pickle if you trust the source")
+        raise UserError(f"--base must be a diffusers model folder or model id, not the file {path}")
+    use_safetensors = True
+    if path.is_dir():
+        use_safetensors = not _refuse_pickle(path, trust_pickle)
+        if (path / "model_index.json").exists():
+            task = _load_sd(base, lora, seed=seed, use_safetensors=use_safetensors)
+        elif (path / "config.json").exists():
+            task = _load_unet2d(base, lora, seed=seed, use_safetensors=use_safetensors)
+        else:
+            raise UserError(f"{path} is neither a diffusers pipeline (model_index.json) "
+                            "nor a UNet folder (config.json)")
+    elif "/" in base and not base.startswith((".", "/")):
+        task = _load_sd(base, lora, seed=seed, use_safetensors=True)  # hub id
+    else:
+        raise UserError(f"base model {base!r} not found: give 'embedded', a diffusers folder or a model id")
+    return _to_device(task, device)
+
+
+def _load_sd(base: str, lora: LoraSpec | None, *, seed: int, use_safetensors: bool) -> DiffusionTask:
+    from diffusers import StableDiffusionPipeline
+
+    from privlora.tasks.sd import StableDiffusionTask
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(base, use_safetensors=use_safetensors,
+                                                       safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError, EnvironmentError) as e:
+        hint = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(f"cannot load Stable Diffusion pipeline {base!r}{hint}: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return StableDiffusionTask(pipe, lora, base_name=base, seed=seed)
+
+
+def _load_unet2d(base: str, lora: LoraSpec | None, *, seed: int, use_safetensors: bool) -> DiffusionTask:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from privlora.tasks.unet import UNetTask
+
+    try:
+        unet = UNet2DModel.from_pretrained(base, use_safetensors=use_safetensors)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load UNet from {base!r}: {str(e).splitlines()[0]}") from None
+    sched_dir = Path(base) / "scheduler_config.json"
+    scheduler = DDPMScheduler.from_pretrained(base) if sched_dir.exists() else DDPMScheduler()
+    return UNetTask(unet, scheduler, lora, base_name=base, seed=seed)
+
+
+def _to_device(task: DiffusionTask, device: str) -> DiffusionTask:
+    if device != "cpu":
+        import torch
+
+        try:
+            target = torch.device(device)
+            if target.type == "cuda" and not torch.cuda.is_available():
+                raise UserError("--device cuda requested but no CUDA GPU is available")
+        except RuntimeError as e:
+            raise UserError(f"unknown device {device!r}: {e}") from None
+        holder = getattr(task, "pipe", None) or task.model
+        holder.to(target)
+    return task

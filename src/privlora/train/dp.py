@@ -1,0 +1,104 @@
+"""DP-SGD around any optimizer, with Opacus: per-sample gradients, clipping, Gaussian noise, accounting.
+
+A wrapper, not a flag: :class:`PrivateTraining` wraps the Task's denoiser for per-sample gradients and
+the optimizer for clipping + noise; the training loop stays the same.
+
+Per-sample gradients use Opacus' *functorch* mode: its default hooks mode returns all-zero per-sample
+gradients for ``Conv2d`` on channels_last inputs (diffusers UNets), which would silently drop the conv
+LoRA tensors. After the second step we check every LoRA tensor got a non-zero per-sample gradient
+(Opacus + PEFT has corrupted LoRA updates silently before, opacus#820).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from privlora.config import DPOptions
+from privlora.tasks.diffusion import DiffusionTask
+from privlora.train import accounting
+
+
+@dataclass(frozen=True)
+class DPParameters:
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    delta: float
+    steps: int
+    accountant: str
+
+
+def resolve(options: DPOptions, *, n: int, batch_size: int, steps: int) -> DPParameters:
+    """Fix σ (given, or calibrated to the target ε) and δ for ``n`` samples and ``steps`` steps."""
+    q = min(1.0, batch_size / n)
+    delta = options.delta if options.delta is not None else accounting.default_delta(n)
+    if options.target_epsilon is not None:
+        sigma = accounting.noise_for_epsilon(target_epsilon=options.target_epsilon, sample_rate=q,
+                                             steps=steps, delta=delta, accountant=options.accountant)
+    else:
+        sigma = options.noise_multiplier if options.noise_multiplier is not None else 1.0
+    return DPParameters(noise_multiplier=sigma, max_grad_norm=options.max_grad_norm, sample_rate=q,
+                        delta=delta, steps=steps, accountant=options.accountant)
+
+
+class PrivateTraining:
+    """Wraps a Task and its optimizer for DP-SGD; samples Poisson batches; tracks ε."""
+
+    def __init__(self, task: DiffusionTask, optimizer: torch.optim.Optimizer, params: DPParameters, *,
+                 n: int, seed: int) -> None:
+        self.task, self.params, self.n = task, params, n
+        task.denoiser = GradSampleModule(task.model, force_functorch=True, loss_reduction="mean")
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=params.noise_multiplier,
+                                     max_grad_norm=params.max_grad_norm,
+                                     expected_batch_size=max(1, round(params.sample_rate * n)),
+                                     loss_reduction="mean",
+                                     generator=torch.Generator(device=task.device).manual_seed(seed + 1))
+        self.steps_taken = 0
+
+    def poisson_batch(self, generator: torch.Generator) -> list[int]:
+        """Each sample joins independently with probability q — the sampling the accountant assumes."""
+        mask = torch.rand(self.n, generator=generator) < self.params.sample_rate
+        return mask.nonzero().flatten().tolist()
+
+    def check_grad_samples(self) -> None:
+        """Raise if any trainable tensor got an all-zero per-sample gradient (silent-corruption guard)."""
+        dead = [i for i, p in enumerate(self.task.trainable_parameters())
+                if getattr(p, "grad_sample", None) is not None and not torch.any(p.grad_sample != 0)]
+        if dead:
+            raise RuntimeError(f"{len(dead)} LoRA tensors received all-zero per-sample gradients "
+                               "(Opacus grad-sampler bug); refusing to train silently wrong")
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.steps_taken += 1
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def epsilon(self, accountant: str | None = None) -> float:
+        return accounting.epsilon(noise_multiplier=self.params.noise_multiplier,
+                                  sample_rate=self.params.sample_rate, steps=self.steps_taken,
+                                  delta=self.params.delta, accountant=accountant or self.params.accountant)
+
+    def report(self) -> dict[str, Any]:
+        """What goes to ``privacy.json``: mechanism, σ, clip, q, steps, δ and ε from both accountants."""
+        p = self.params
+        return {"mechanism": "DP-SGD (Poisson-subsampled Gaussian, per-sample clipping)",
+                "library": "opacus", "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
+                "sample_rate": p.sample_rate, "expected_batch_size": p.sample_rate * self.n,
+                "dataset_size": self.n, "steps": self.steps_taken, "delta": p.delta,
+                "accountant": p.accountant, "epsilon": self.epsilon(),
+                "epsilon_rdp": self.epsilon("rdp"), "epsilon_prv": self.epsilon("prv"),
+                "unit": "sample-level (add/remove one training image)"}
+
+    def unwrap(self) -> None:
+        """Restore the plain denoiser (removes Opacus hooks) before evaluation and saving."""
+        gsm = self.task.denoiser
+        if isinstance(gsm, GradSampleModule):
+            gsm._close()
+        self.task.denoiser = self.task.model

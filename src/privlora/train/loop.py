@@ -1,0 +1,250 @@
+"""The one training loop, for every Task and every objective: ``train(config) -> TrainResult``.
+
+Read top to bottom: resolve the run directory → load base + LoRA → load data and split it → pick the
+objective (plain / MP / SMP) and, for ``dp``, wrap the optimizer with DP-SGD → loop → save adapter,
+``privacy.json``, utility figures → rename ``<out>.partial`` to ``<out>``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from privlora.config import TrainConfig, dump_config
+from privlora.data.imageset import ImageSet
+from privlora.data.splits import Splits, make_splits
+from privlora.errors import UserError
+from privlora.progress import progress_bar
+from privlora.runs import write_json_atomic
+from privlora.tasks.diffusion import DiffusionTask
+from privlora.tasks.lora import LoraSpec
+from privlora.train.checkpoint import load_checkpoint, save_checkpoint
+from privlora.train.data import load_training_data
+from privlora.train.dp import PrivateTraining, resolve
+from privlora.train.objectives import OBJECTIVES, Objective
+from privlora.train.utility import measure_utility
+
+
+class Interrupted(UserError):
+    """Ctrl-C during training: a checkpoint was written; ``--resume`` continues."""
+
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    mode: str
+    steps: int
+    final_loss: float
+    privacy: dict[str, Any]
+    utility: dict[str, Any]
+    seconds: float
+
+
+def _run_dirs(config: TrainConfig) -> tuple[Path, Path]:
+    out = Path(config.out)
+    partial = out.with_name(out.name + ".partial")
+    if config.resume:
+        if not partial.exists():
+            raise UserError(f"nothing to resume: {partial} does not exist")
+        return out, partial
+    if out.exists():
+        raise UserError(f"run directory {out} already exists; choose another --out or remove it")
+    if partial.exists():
+        raise UserError(f"an interrupted run is in {partial}: continue it with --resume, or remove it")
+    partial.mkdir(parents=True)
+    return out, partial
+
+
+def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+class _Sampler:
+    """Shuffled epochs (plain/MP/SMP) or Poisson subsampling (DP), reproducible from the seed."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator,
+                 private: PrivateTraining | None) -> None:
+        self.n, self.batch_size, self.generator, self.private = n, batch_size, generator, private
+        self.order: list[int] = []
+        self.position = 0
+
+    def next(self) -> list[int]:
+        if self.private is not None:
+            return self.private.poisson_batch(self.generator)
+        batch: list[int] = []
+        while len(batch) < min(self.batch_size, self.n):
+            if self.position >= len(self.order):
+                self.order = torch.randperm(self.n, generator=self.generator).tolist()
+                self.position = 0
+            take = self.order[self.position:self.position + self.batch_size - len(batch)]
+            batch += take
+            self.position += len(take)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": torch.tensor(self.order, dtype=torch.long), "position": self.position,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order = state["order"].tolist()
+        self.position = int(state["position"])
+        self.generator.set_state(state["generator"])
+
+
+def _lora_spec(config: TrainConfig) -> LoraSpec | None:
+    if config.lora.full_finetune:
+        return None
+    return LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets))
+
+
+def _as_batch(data: ImageSet, indices: list[int]) -> dict[str, Any]:
+    sub = data.subset(indices)
+    return {"pixels": sub.pixels, "captions": sub.captions}
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train a LoRA adapter as ``config`` says and write the run directory (see DESIGN.md)."""
+    from privlora.tasks.loading import load_task
+
+    start = time.time()
+    torch.manual_seed(config.seed)
+    out, run = _run_dirs(config)
+    try:
+        task = load_task(config.base, _lora_spec(config), seed=config.seed, trust_pickle=config.trust_pickle,
+                         device=config.device)
+        data = load_training_data(config, task)
+        splits = Splits.load(run) if config.resume else make_splits(
+            data, members=config.data.members, aux=config.data.aux, eval=config.data.eval,
+            seed=config.seed, source=config.data.source)
+        members, aux, held_out = data.by_ids(splits.members), data.by_ids(splits.aux), data.by_ids(splits.eval)
+        if not config.resume:
+            splits.save(run)
+            (run / "config.yaml").write_text(dump_config(config))
+    except BaseException:
+        if not config.resume:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+    return _train_loop(config, task, members, aux, held_out, out, run, start)
+
+
+def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux: ImageSet,
+                held_out: ImageSet, out: Path, run: Path, start: float) -> TrainResult:
+    opts = config.optim
+    objective: Objective = OBJECTIVES[config.mode](task, members=members, aux=aux, options=config.mp,
+                                                   batch_size=opts.batch_size)
+    params = task.trainable_parameters()
+    optimizer = _make_optimizer(config, params)
+    private = None
+    if config.mode == "dp":
+        dp_params = resolve(config.dp, n=len(members), batch_size=opts.batch_size, steps=opts.max_steps)
+        private = PrivateTraining(task, optimizer, dp_params, n=len(members), seed=config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = _Sampler(len(members), opts.batch_size, generator, private)
+    step = 0
+    if config.resume:
+        state = load_checkpoint(run)
+        step = int(state["step"])
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"], strict=True):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        objective.load_state_dict(state["objective"])
+        sampler.load_state_dict(state["sampler"])
+        if private is not None:
+            private.steps_taken = step
+
+    def checkpoint() -> None:
+        save_checkpoint(run, {"step": step, "params": [p.detach().cpu() for p in params],
+                              "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
+                              "sampler": sampler.state_dict()})
+
+    metrics = (run / "metrics.jsonl").open("a")
+    last_loss, ema = float("nan"), None
+    task.train()
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with progress_bar(f"train {config.mode}", total=opts.max_steps, completed=step,
+                          quiet=config.quiet) as bar:
+            while step < opts.max_steps:
+                logs = _one_step(task, objective, private, optimizer, params, sampler, members, generator,
+                                 grad_clip=opts.grad_clip, check=(step == 1))
+                step += 1
+                last_loss = logs.get("loss", last_loss)
+                ema = last_loss if ema is None else 0.9 * ema + 0.1 * last_loss
+                if private is not None:
+                    logs["epsilon"] = private.epsilon() if step % config.log_every == 0 else float("nan")
+                if step % config.log_every == 0 or step == opts.max_steps:
+                    metrics.write(json.dumps({"step": step, **logs}) + "\n")
+                    metrics.flush()
+                if step % config.checkpoint_every == 0:
+                    checkpoint()
+                bar.advance(loss=ema)
+    except KeyboardInterrupt:
+        checkpoint()
+        metrics.close()
+        raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run}; "
+                          f"continue with the same command and --resume") from None
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+    metrics.close()
+    privacy: dict[str, Any] = {"mechanism": "none", "mode": config.mode}
+    if private is not None:
+        privacy = {"mode": config.mode, **private.report()}
+        private.unwrap()
+    elif config.mode in ("mp", "smp"):
+        privacy = {"mode": config.mode, "mechanism": "empirical membership privacy (proxy attacker)",
+                   "epsilon": None, "alpha": config.mp.alpha, "beta": config.mp.beta,
+                   "note": "no formal guarantee; measure it with the membership audit"}
+    task.model.eval()
+    if not config.lora.full_finetune:
+        task.save_adapter(run / "adapter")
+    write_json_atomic(run / "privacy.json", privacy)
+    utility = measure_utility(task, members=members, held_out=held_out, options=config.eval,
+                              seed=config.seed, quiet=config.quiet)
+    write_json_atomic(run / "utility.json", utility)
+    (run / "checkpoint.pt").unlink(missing_ok=True)
+    run.rename(out)
+    return TrainResult(run_dir=out, mode=config.mode, steps=step, final_loss=float(ema or last_loss),
+                       privacy=privacy, utility=utility, seconds=time.time() - start)
+
+
+def _one_step(task: DiffusionTask, objective: Objective, private: PrivateTraining | None,
+              optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], sampler: _Sampler,
+              members: ImageSet, generator: torch.Generator, *, grad_clip: float | None,
+              check: bool) -> dict[str, float]:
+    indices = sampler.next()
+    if private is not None:
+        private.zero_grad()
+        logs: dict[str, float] = {"batch": float(len(indices))}
+        if indices:  # an empty Poisson batch still takes a (noise-only) step, as the accountant assumes
+            losses = objective.per_sample_loss(_as_batch(members, indices), generator)
+            losses.mean().backward()
+            logs["loss"] = losses.mean().item()
+            if check:
+                private.check_grad_samples()
+        private.step()
+        return logs
+    optimizer.zero_grad(set_to_none=True)
+    result = objective.step_loss(_as_batch(members, indices), generator)
+    result.loss.backward()
+    if check:
+        dead = sum(1 for p in params if p.grad is None or not torch.any(p.grad != 0))
+        if dead:
+            raise RuntimeError(f"{dead} trainable tensors got no gradient; the adapter would not learn")
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return {**result.logs, **objective.after_step(generator)}
