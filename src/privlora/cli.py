@@ -75,7 +75,6 @@ def train(
 ) -> None:
     """Train a LoRA adapter: plain, DP-LoRA (Opacus), MP-LoRA or SMP-LoRA; writes a run directory."""
     from privlora.config import load_config, parse_assignment
-    from privlora.train.loop import train as run_training
 
     _offline_defaults()
     overrides: dict[str, Any] = {
@@ -87,7 +86,10 @@ def train(
         "quiet": quiet or None,
     }
     overrides.update(dict(parse_assignment(s) for s in set_))
-    result = run_training(load_config(config, overrides))
+    settings = load_config(config, overrides)  # bad keys fail here, before torch is imported
+    from privlora.train.loop import train as run_training
+
+    result = run_training(settings)
     eps = result.privacy.get("epsilon")
     privacy = f"ε={eps:.3g} (δ={result.privacy['delta']:.2g})" if isinstance(eps, float) else result.privacy["mechanism"]
     u = result.utility

@@ -132,11 +132,14 @@ def train(config: TrainConfig) -> TrainResult:
         if not config.resume:
             splits.save(run)
             (run / "config.yaml").write_text(dump_config(config))
+        return _train_loop(config, task, members, aux, held_out, out, run, start)
+    except Interrupted:
+        raise  # a resumable checkpoint was written: keep <out>.partial
     except BaseException:
-        if not config.resume:
+        # bad input found during set-up (e.g. an impossible target ε): leave nothing half-written
+        if not config.resume and not (run / "checkpoint.pt").exists():
             shutil.rmtree(run, ignore_errors=True)
         raise
-    return _train_loop(config, task, members, aux, held_out, out, run, start)
 
 
 def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux: ImageSet,

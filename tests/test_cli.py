@@ -1,0 +1,160 @@
+"""The command line as a user meets it: bad input is one line on stderr, exit 2, nothing half-written."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CONFIGS, FAST, run_cli
+
+
+def _assert_one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_help_explains_every_command():
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for command in ("train", "generate", "base"):
+        assert command in top.stdout
+    train = run_cli("train", "--help")
+    assert train.returncode == 0
+    for flag in ("--mode", "--max-steps", "--out", "--target-epsilon", "--noise-multiplier", "--alpha",
+                 "--beta", "--resume", "--set"):
+        assert flag in train.stdout
+
+
+def test_unknown_config_key_in_file(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text((CONFIGS / "demo-plain.yaml").read_text() + "\noptim_typo: 3\n")
+    out = tmp_path / "run"
+    _assert_one_line_error(run_cli("train", "--config", str(cfg), "--out", str(out)), "optim_typo")
+    _assert_nothing_written(out)
+
+
+def test_unknown_nested_key_on_command_line(tmp_path):
+    out = tmp_path / "run"
+    _assert_one_line_error(run_cli("train", "--set", "optim.foo=1", "--out", str(out)), "optim.foo")
+    _assert_nothing_written(out)
+
+
+def test_wrong_value_type_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    _assert_one_line_error(run_cli("train", "--set", "optim.batch_size=many", "--out", str(out)),
+                           "optim.batch_size")
+    _assert_nothing_written(out)
+
+
+def test_missing_and_malformed_config_file(tmp_path):
+    out = tmp_path / "run"
+    _assert_one_line_error(run_cli("train", "--config", str(tmp_path / "nope.yaml"), "--out", str(out)),
+                           "nope.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("optim: [unclosed\n  lr: 1\n")
+    _assert_one_line_error(run_cli("train", "--config", str(bad), "--out", str(out)), "broken.yaml")
+    _assert_nothing_written(out)
+
+
+def test_unknown_mode(tmp_path):
+    out = tmp_path / "run"
+    _assert_one_line_error(run_cli("train", "--mode", "magic", "--out", str(out)), "mode")
+    _assert_nothing_written(out)
+
+
+def test_dp_with_impossible_target_epsilon(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", str(CONFIGS / "demo-dp.yaml"), "--target-epsilon", "0.001",
+                   "--max-steps", "300", "--out", str(out), *FAST)
+    _assert_one_line_error(proc, "0.001")
+    _assert_nothing_written(out)
+
+
+def test_missing_image_folder(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", str(tmp_path / "no-such-folder"), "--out", str(out), *FAST)
+    _assert_one_line_error(proc, "no-such-folder")
+    _assert_nothing_written(out)
+
+
+def test_pickle_checkpoint_as_base_is_refused(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"w": torch.zeros(1)}, ckpt)
+    out = tmp_path / "run"
+    _assert_one_line_error(run_cli("train", "--base", str(ckpt), "--out", str(out), *FAST), "pickle")
+    _assert_nothing_written(out)
+
+
+def test_pickle_only_unet_folder_is_refused(tmp_path):
+    from diffusers import UNet2DModel
+
+    folder = tmp_path / "unet"
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                layers_per_block=1, norm_num_groups=4).save_pretrained(folder, safe_serialization=False)
+    assert not list(folder.glob("*.safetensors"))
+    out = tmp_path / "run"
+    _assert_one_line_error(run_cli("train", "--base", str(folder), "--out", str(out), *FAST), "pickle")
+    _assert_nothing_written(out)
+
+
+def test_unknown_base(tmp_path):
+    out = tmp_path / "run"
+    _assert_one_line_error(run_cli("train", "--base", "not-a-model", "--out", str(out), *FAST), "not-a-model")
+    _assert_nothing_written(out)
+
+
+def test_generate_from_missing_run(tmp_path):
+    png = tmp_path / "x.png"
+    _assert_one_line_error(run_cli("generate", str(tmp_path / "nothing"), "--out", str(png)), "nothing")
+    assert not png.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    proc = run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--max-steps", "3",
+                   "--batch-size", "4", "--out", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_smoke_train_prints_privacy_and_utility(tiny_run):
+    for name in ("config.yaml", "splits.json", "metrics.jsonl", "privacy.json", "utility.json",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (tiny_run / name).is_file(), name
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_generate_is_deterministic_per_seed(tiny_run, tmp_path):
+    a, b, c, base = (tmp_path / f"{k}.png" for k in "abcz")
+    for out, seed in ((a, 0), (b, 0), (c, 1)):
+        proc = run_cli("generate", str(tiny_run), "--n", "4", "--steps", "3", "--seed", str(seed),
+                       "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+    image = np.asarray(Image.open(a))
+    assert image.shape == (64, 64) and image.dtype == np.uint8  # 2×2 grid of 32×32 grayscale
+    proc = run_cli("generate", "--n", "4", "--steps", "3", "--seed", "0", "--out", str(base))
+    assert proc.returncode == 0, proc.stderr
+    assert _digest(base) != _digest(a)  # the adapter changes what is sampled
+    assert not list(tmp_path.glob(".*.tmp"))
