@@ -38,6 +38,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/demo_time.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
