@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -33,19 +33,32 @@ class FolderReport:
     uncaptioned: list[str] = field(default_factory=list)
 
 
+def _read_text(path: Path) -> str:
+    """A caption file's text (UTF-8, a byte-order mark allowed); anything else is the user's to fix."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+
+
 def _read_metadata(folder: Path) -> dict[str, str]:
-    path = folder / METADATA
-    if not path.exists():
-        return {}
+    """Captions from every ``metadata.jsonl`` under ``folder``, keyed by image path relative to ``folder``.
+
+    As in Hugging Face's imagefolder layout, a ``metadata.jsonl`` names files relative to its own
+    directory (``train/metadata.jsonl`` captions ``train/…``); ``./a.png`` and ``a.png`` are the same file.
+    """
     captions: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            captions[str(row["file_name"])] = str(row.get("text", ""))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{path}:{number} is not a JSON object with 'file_name' and 'text'") from None
+    for path in sorted(folder.rglob(METADATA)):
+        base = PurePosixPath(path.parent.relative_to(folder).as_posix())
+        for number, line in enumerate(_read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name = str(row["file_name"]).replace("\\", "/")
+                captions[(base / PurePosixPath(name)).as_posix()] = str(row.get("text", ""))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{number} is not a JSON object with 'file_name' and 'text'") from None
     return captions
 
 
@@ -53,7 +66,9 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Any PIL mode → 'L' (1 channel) or 'RGB' (3 channels), 16-bit scaled down, alpha on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        # 16-bit modes always span 0..65535 (a dark 16-bit image must stay dark, not be stretched);
+        # plain 32-bit 'I' carries no depth, so values beyond 8 bits are taken as 16-bit
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -100,14 +115,15 @@ def load_folder(folder: Path, *, channels: int, resolution: int, center_crop: bo
     for path in files:
         rel = path.relative_to(folder).as_posix()
         try:
-            tensors.append(load_image(path, channels=channels, resolution=resolution, center_crop=center_crop))
+            tensors.append(load_image(path, channels=channels, resolution=resolution,
+                                      center_crop=center_crop))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as e:
             report.skipped[rel] = f"{type(e).__name__}: {e}"
             continue
         sidecar = path.with_suffix(".txt")
         caption = meta.get(rel) if rel in meta else (
-            sidecar.read_text(encoding="utf-8").strip() if sidecar.exists() else default_caption)
+            _read_text(sidecar).strip() if sidecar.exists() else default_caption)
         if caption is None:
             report.uncaptioned.append(rel)
         ids.append(rel)
@@ -116,10 +132,12 @@ def load_folder(folder: Path, *, channels: int, resolution: int, center_crop: bo
               and p.suffix.lower() != ".txt" and p.name != METADATA and not p.name.startswith(".")]
     for p in others:
         report.skipped[p.relative_to(folder).as_posix()] = "not an image file"
+    if not tensors:  # one error line that says why, instead of a warning per file before it
+        example = next(iter(report.skipped.items()), None)
+        why = f", e.g. {example[0]}: {example[1]}" if example else ""
+        raise UserError(f"no usable images in {folder} ({len(report.skipped)} files skipped{why}); "
+                        f"expected {', '.join(sorted(IMAGE_SUFFIXES))}")
     for rel, why in report.skipped.items():
         warnings.warn(f"skipped {rel}: {why}", stacklevel=2)
-    if not tensors:
-        raise UserError(f"no usable images in {folder} ({len(report.skipped)} files skipped); "
-                        f"expected {', '.join(sorted(IMAGE_SUFFIXES))}")
     report.loaded = len(tensors)
     return ImageSet(ids=ids, pixels=torch.stack(tensors), captions=captions), report

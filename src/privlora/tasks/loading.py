@@ -7,6 +7,8 @@ Weights load from safetensors only. A pickle checkpoint (``.bin``, ``.ckpt``, ``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from privlora.errors import UserError
@@ -18,13 +20,22 @@ PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
 
 
 def _refuse_pickle(folder: Path, trust_pickle: bool) -> bool:
-    """True if the folder must be loaded from pickle weights (allowed only when trusted)."""
-    has_safe = any(folder.rglob("*.safetensors"))
-    has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in folder.rglob("*") if p.is_file())
-    if has_pickle and not has_safe:
+    """True if some weights in the folder exist only as pickle (allowed only when trusted).
+
+    Checked per component folder (``unet/``, ``text_encoder/``, …): a pipeline whose UNet is safetensors
+    but whose text encoder is only ``pytorch_model.bin`` still needs pickle to load.
+    """
+    weights: dict[Path, set[str]] = {}
+    for p in folder.rglob("*"):
+        if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors"):
+            weights.setdefault(p.parent, set()).add("safe" if p.suffix == ".safetensors" else "pickle")
+    pickle_only = sorted(d for d, kinds in weights.items() if kinds == {"pickle"})
+    if pickle_only:
         if not trust_pickle:
-            raise UserError(f"{folder} holds only pickle weights, which can execute code when loaded; "
-                            "convert them to safetensors or pass --trust-pickle if you trust the source")
+            where = ", ".join(d.relative_to(folder).as_posix() or "." for d in pickle_only)
+            raise UserError(f"{folder} holds only pickle weights (in {where}), which can execute code "
+                            "when loaded; convert them to safetensors or pass --trust-pickle if you trust "
+                            "the source")
         return True
     return False
 
@@ -45,9 +56,10 @@ def load_task(base: str, lora: LoraSpec | None, *, seed: int = 0, trust_pickle: 
             raise UserError(f"{path} is a pickle checkpoint, which can execute code when loaded; "
                             "use safetensors weights or pass --trust-pickle if you trust the source")
         raise UserError(f"--base must be a diffusers model folder or model id, not the file {path}")
-    use_safetensors = True
+    use_safetensors: bool | None = True
     if path.is_dir():
-        use_safetensors = not _refuse_pickle(path, trust_pickle)
+        # trusted pickle: None lets diffusers take safetensors where a component has them, pickle elsewhere
+        use_safetensors = None if _refuse_pickle(path, trust_pickle) else True
         if (path / "model_index.json").exists():
             task = _load_sd(base, lora, seed=seed, use_safetensors=use_safetensors)
         elif (path / "config.json").exists():
@@ -62,22 +74,49 @@ def load_task(base: str, lora: LoraSpec | None, *, seed: int = 0, trust_pickle: 
     return _to_device(task, device)
 
 
-def _load_sd(base: str, lora: LoraSpec | None, *, seed: int, use_safetensors: bool) -> DiffusionTask:
-    from diffusers import StableDiffusionPipeline
+@contextmanager
+def _quiet_hf() -> Iterator[None]:
+    """Silence diffusers/transformers loading bars and info/warning logs (e.g. the optional-torchvision
+    notice), so a user error stays one line on stderr; restores the previous settings afterwards."""
+    from diffusers.utils import logging as d_log
+    from transformers.utils import logging as t_log
 
-    from privlora.tasks.sd import StableDiffusionTask
-
+    levels = d_log.get_verbosity(), t_log.get_verbosity()
+    bars = d_log.is_progress_bar_enabled(), t_log.is_progress_bar_enabled()
+    d_log.set_verbosity_error()
+    t_log.set_verbosity_error()
+    d_log.disable_progress_bar()
+    t_log.disable_progress_bar()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(base, use_safetensors=use_safetensors,
-                                                       safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError, EnvironmentError) as e:
-        hint = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise UserError(f"cannot load Stable Diffusion pipeline {base!r}{hint}: {str(e).splitlines()[0]}") from None
+        yield
+    finally:
+        d_log.set_verbosity(levels[0])
+        t_log.set_verbosity(levels[1])
+        if bars[0]:
+            d_log.enable_progress_bar()
+        if bars[1]:
+            t_log.enable_progress_bar()
+
+
+def _load_sd(base: str, lora: LoraSpec | None, *, seed: int, use_safetensors: bool | None) -> DiffusionTask:
+    with _quiet_hf():
+        from diffusers import StableDiffusionPipeline
+
+        from privlora.tasks.sd import StableDiffusionTask
+
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(base, use_safetensors=use_safetensors,
+                                                           safety_checker=None, requires_safety_checker=False)
+        except (OSError, ValueError) as e:
+            hint = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            raise UserError(f"cannot load Stable Diffusion pipeline {base!r}{hint}: "
+                            f"{str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return StableDiffusionTask(pipe, lora, base_name=base, seed=seed)
 
 
-def _load_unet2d(base: str, lora: LoraSpec | None, *, seed: int, use_safetensors: bool) -> DiffusionTask:
+def _load_unet2d(base: str, lora: LoraSpec | None, *, seed: int,
+                 use_safetensors: bool | None) -> DiffusionTask:
     from diffusers import DDPMScheduler, UNet2DModel
 
     from privlora.tasks.unet import UNetTask

@@ -15,7 +15,7 @@ from privlora.tasks.diffusion import DiffusionTask
 def load_training_data(config: TrainConfig, task: DiffusionTask) -> ImageSet:
     """Built-in demo set or image folder, at the Task's channels and resolution."""
     channels = int(getattr(task, "channels", 3))
-    resolution = config.data.resolution or int(getattr(task, "resolution"))
+    resolution = config.data.resolution or int(task.resolution)  # type: ignore[attr-defined]
     source = config.data.source
     if source in BUILTIN:
         data = load_builtin(source, resolution)
