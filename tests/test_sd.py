@@ -178,30 +178,18 @@ def test_cli_plain_run_directory(sd_run, sd):
 
 
 @pytest.mark.parametrize("mode", ["dp", "smp"])
-def test_private_modes_in_process(sd, tmp_path, mode):
-    """DP and SMP on the SD task through the library call the CLI wraps (no subprocess start-up)."""
-    from privlora.config import load_config
-    from privlora.train.loop import train
-
-    out = tmp_path / "run"
-    overrides = {"base": str(sd["pipe"]), "out": str(out), "mode": mode, "quiet": True,
-                 "data": {"source": str(sd["images"]), "members": 0.5, "aux": 0.25, "eval": 0.25},
-                 "optim": {"max_steps": 2, "batch_size": 2}, "eval": {"timesteps": [200], "samples": 0}}
-    if mode == "dp":
-        overrides["dp"] = {"noise_multiplier": 1.0}
-    result = train(load_config(None, overrides))
-    assert result.run_dir == out and result.steps == 2
-    assert np.isfinite(result.final_loss)
-    _assert_run(out, mode)
-
-
-@pytest.mark.parametrize("mode", ["dp", "smp"])
 def test_cli_private_modes(sd, tmp_path, mode):
     out = tmp_path / "run"
     extra = ["--noise-multiplier", "1.0"] if mode == "dp" else []
     proc = run_cli(*_train_args(sd, out, mode), *extra)
     assert proc.returncode == 0, proc.stderr
     _assert_run(out, mode)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and np.isfinite(last["loss"])
+    if mode == "dp":
+        privacy = json.loads((out / "privacy.json").read_text())
+        assert privacy["noise_multiplier"] == 1.0 and privacy["steps"] == 2
+        assert last["epsilon"] == pytest.approx(privacy["epsilon"])
 
 
 # --- the adapter in the ecosystem ----------------------------------------------------------------
@@ -358,6 +346,50 @@ def test_caption_longer_than_the_text_encoder_is_truncated(sd):
     assert states.shape == (2, 16, 32)
 
 
+def test_pickle_files_that_are_never_loaded_are_not_refused(sd, tmp_path):
+    """A repo snapshot often ships a single-file ``.ckpt`` beside ``model_index.json`` and a pickle-only
+    safety checker; privlora loads neither, so neither may force --trust-pickle."""
+    from privlora.errors import UserError
+    from privlora.tasks.loading import load_task
+
+    folder = tmp_path / "snapshot"
+    shutil.copytree(sd["pipe"], folder)
+    (folder / "v1-5-pruned.ckpt").write_bytes(b"\x80\x04not loaded")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "safety_checker").mkdir()
+    (folder / "safety_checker" / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    task = load_task(str(folder), None)
+    torch.testing.assert_close(_unet_out(task.model), _unet_out(load_task(str(sd["pipe"]), None).model))
+    (folder / "model_index.json").write_text("{not json")
+    with pytest.raises(UserError, match="model_index.json"):
+        load_task(str(folder), None)
+
+
+def test_cached_hub_id_with_only_pickle_weights(sd, tmp_path, monkeypatch, capfd):
+    """``--base owner/name`` from the local hub cache (offline): refused naming --trust-pickle with nothing
+    else on stderr (no hub/diffusers log lines before the one error line), loaded with it (it used to be
+    refused even with --trust-pickle)."""
+    import huggingface_hub.constants
+
+    from privlora.errors import UserError
+    from privlora.tasks.loading import load_task
+
+    repo = tmp_path / "hub" / "models--tiny--sd-pickle"
+    shutil.copytree(sd["pickle"], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    capfd.readouterr()
+    with pytest.raises(UserError, match="pickle.*--trust-pickle"):
+        load_task("tiny/sd-pickle", None)
+    assert capfd.readouterr().err == ""
+    task = load_task("tiny/sd-pickle", None, trust_pickle=True)
+    assert capfd.readouterr().err == ""
+    torch.testing.assert_close(_unet_out(task.model), _unet_out(load_task(str(sd["pipe"]), None).model))
+
+
 def test_sd_folder_copy_without_model_index_is_a_user_error(sd, tmp_path):
     from privlora.errors import UserError
     from privlora.tasks.loading import load_task
@@ -421,7 +453,8 @@ def test_training_target_follows_the_scheduler_prediction_type(sd, prediction_ty
     # an oracle that outputs the exact target has zero loss, and predict_noise recovers ε from it
     task.denoiser = _Oracle(target)
     with torch.no_grad():
-        assert float(task.squared_error(batch, timesteps=t, generator=torch.Generator().manual_seed(0)).max()) < 1e-8
+        perfect = task.squared_error(batch, timesteps=t, generator=torch.Generator().manual_seed(0))
+        assert float(perfect.max()) < 1e-8
         torch.testing.assert_close(task.predict_noise(x0, t, noise, batch), noise, rtol=1e-4, atol=1e-4)
 
 
@@ -430,3 +463,22 @@ def test_unknown_prediction_type_is_a_user_error(sd):
 
     with pytest.raises(UserError, match="prediction_type"):
         _task_with_prediction(sd, "flow")
+
+
+def test_unet2d_folder_that_predicts_v_is_refused(tmp_path):
+    """A plain UNet2DModel base is trained on ε only: a v-prediction one is refused, not silently ruined."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from privlora.errors import UserError
+    from privlora.tasks.loading import load_task
+    from privlora.tasks.unet import UNetTask
+
+    folder = tmp_path / "unet"
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                layers_per_block=1, norm_num_groups=4).save_pretrained(folder)
+    DDPMScheduler().save_pretrained(folder)
+    assert isinstance(load_task(str(folder), None), UNetTask)
+    DDPMScheduler(prediction_type="v_prediction").save_pretrained(folder)
+    with pytest.raises(UserError, match="v_prediction"):
+        load_task(str(folder), None)

@@ -91,7 +91,8 @@ def train(
 
     result = run_training(settings)
     eps = result.privacy.get("epsilon")
-    privacy = f"ε={eps:.3g} (δ={result.privacy['delta']:.2g})" if isinstance(eps, float) else result.privacy["mechanism"]
+    privacy = (f"ε={eps:.3g} (δ={result.privacy['delta']:.2g})" if isinstance(eps, float)
+               else result.privacy["mechanism"])
     u = result.utility
     typer.echo(f"{result.mode}: {result.steps} steps in {result.seconds:.0f}s → {result.run_dir}")
     typer.echo(f"  privacy: {privacy}")

@@ -38,7 +38,8 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "re-save it as UTF-8") from None
 
 
 def _read_metadata(folder: Path) -> dict[str, str]:

@@ -72,10 +72,12 @@ class DiffusionTask(ABC):
         pred = self.predict_noise(x0, t, noise, batch)
         return (pred.float() - noise.float()) ** 2
 
-    def per_sample_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    def per_sample_loss(self, batch: dict[str, Any],
+                        generator: torch.Generator | None = None) -> torch.Tensor:
         return self.squared_error(batch, generator).flatten(1).mean(1)
 
-    def attack_features(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    def attack_features(self, batch: dict[str, Any],
+                        generator: torch.Generator | None = None) -> torch.Tensor:
         """The flattened per-element error map: what SMP-LoRA's proxy attacker sees (Luo et al. 2024)."""
         return self.squared_error(batch, generator).flatten(1)
 

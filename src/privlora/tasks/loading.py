@@ -6,6 +6,7 @@ Weights load from safetensors only. A pickle checkpoint (``.bin``, ``.ckpt``, ``
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,16 +20,41 @@ from privlora.tasks.lora import LoraSpec
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
 
 
+#: pipeline components privlora never loads (``safety_checker=None``), so their weights do not matter
+_UNUSED_COMPONENTS = {"safety_checker", "feature_extractor", "image_encoder"}
+
+
+def _loaded_weight_dirs(folder: Path) -> list[Path]:
+    """Where loading ``folder`` reads weights: a pipeline's component folders, or a model folder itself.
+
+    Files beside ``model_index.json`` (e.g. a single-file ``.ckpt`` shipped with the repo) and the
+    components privlora skips are never loaded, so they must not decide the pickle question.
+    """
+    index = folder / "model_index.json"
+    if not index.exists():
+        return [folder]
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{index} is not valid JSON ({e}); is this a diffusers pipeline folder?") from None
+    if not isinstance(entries, dict):
+        raise UserError(f"{index} is not a diffusers model index (expected a JSON object)")
+    return [folder / name for name, value in entries.items()
+            if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None
+            and name not in _UNUSED_COMPONENTS and (folder / name).is_dir()]
+
+
 def _refuse_pickle(folder: Path, trust_pickle: bool) -> bool:
-    """True if some weights in the folder exist only as pickle (allowed only when trusted).
+    """True if some weights that loading ``folder`` reads exist only as pickle (allowed only when trusted).
 
     Checked per component folder (``unet/``, ``text_encoder/``, …): a pipeline whose UNet is safetensors
     but whose text encoder is only ``pytorch_model.bin`` still needs pickle to load.
     """
     weights: dict[Path, set[str]] = {}
-    for p in folder.rglob("*"):
-        if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors"):
-            weights.setdefault(p.parent, set()).add("safe" if p.suffix == ".safetensors" else "pickle")
+    for root in _loaded_weight_dirs(folder):
+        for p in root.rglob("*"):
+            if p.is_file() and (p.suffix in PICKLE_SUFFIXES or p.suffix == ".safetensors"):
+                weights.setdefault(p.parent, set()).add("safe" if p.suffix == ".safetensors" else "pickle")
     pickle_only = sorted(d for d, kinds in weights.items() if kinds == {"pickle"})
     if pickle_only:
         if not trust_pickle:
@@ -68,7 +94,8 @@ def load_task(base: str, lora: LoraSpec | None, *, seed: int = 0, trust_pickle: 
             raise UserError(f"{path} is neither a diffusers pipeline (model_index.json) "
                             "nor a UNet folder (config.json)")
     elif "/" in base and not base.startswith((".", "/")):
-        task = _load_sd(base, lora, seed=seed, use_safetensors=True)  # hub id
+        # hub id (from the local cache when offline): pickle-only repos load only when trusted
+        task = _load_sd(base, lora, seed=seed, use_safetensors=None if trust_pickle else True)
     else:
         raise UserError(f"base model {base!r} not found: give 'embedded', a diffusers folder or a model id")
     return _to_device(task, device)
@@ -76,15 +103,22 @@ def load_task(base: str, lora: LoraSpec | None, *, seed: int = 0, trust_pickle: 
 
 @contextmanager
 def _quiet_hf() -> Iterator[None]:
-    """Silence diffusers/transformers loading bars and info/warning logs (e.g. the optional-torchvision
-    notice), so a user error stays one line on stderr; restores the previous settings afterwards."""
+    """Silence diffusers/transformers/huggingface_hub loading bars and logs while a base loads, so a user
+    error stays one line on stderr. diffusers logs a failed component fetch at ERROR before raising (and
+    before falling back to trusted pickle weights); the exception is what privlora reports. The hub's
+    "offline: using the cached commit" warning is noise under HF_HUB_OFFLINE. Restores the settings after.
+    """
+    import logging
+
     from diffusers.utils import logging as d_log
+    from huggingface_hub.utils import logging as h_log
     from transformers.utils import logging as t_log
 
-    levels = d_log.get_verbosity(), t_log.get_verbosity()
+    levels = d_log.get_verbosity(), t_log.get_verbosity(), h_log.get_verbosity()
     bars = d_log.is_progress_bar_enabled(), t_log.is_progress_bar_enabled()
-    d_log.set_verbosity_error()
+    d_log.set_verbosity(logging.CRITICAL)
     t_log.set_verbosity_error()
+    h_log.set_verbosity_error()
     d_log.disable_progress_bar()
     t_log.disable_progress_bar()
     try:
@@ -92,6 +126,7 @@ def _quiet_hf() -> Iterator[None]:
     finally:
         d_log.set_verbosity(levels[0])
         t_log.set_verbosity(levels[1])
+        h_log.set_verbosity(levels[2])
         if bars[0]:
             d_log.enable_progress_bar()
         if bars[1]:
@@ -109,8 +144,13 @@ def _load_sd(base: str, lora: LoraSpec | None, *, seed: int, use_safetensors: bo
                                                            safety_checker=None, requires_safety_checker=False)
         except (OSError, ValueError) as e:
             hint = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            pickle = ""
+            if use_safetensors and "safetensors" in first:
+                pickle = ("; if it ships only pickle weights, which can execute code when loaded, pass "
+                          "--trust-pickle if you trust the source")
             raise UserError(f"cannot load Stable Diffusion pipeline {base!r}{hint}: "
-                            f"{str(e).splitlines()[0]}") from None
+                            f"{first}{pickle}") from None
     pipe.set_progress_bar_config(disable=True)
     return StableDiffusionTask(pipe, lora, base_name=base, seed=seed)
 
@@ -127,6 +167,10 @@ def _load_unet2d(base: str, lora: LoraSpec | None, *, seed: int,
         raise UserError(f"cannot load UNet from {base!r}: {str(e).splitlines()[0]}") from None
     sched_dir = Path(base) / "scheduler_config.json"
     scheduler = DDPMScheduler.from_pretrained(base) if sched_dir.exists() else DDPMScheduler()
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":  # UNetTask trains and samples ε; a v/x0 model would be silently ruined
+        raise UserError(f"{base}: the UNet predicts {prediction!r} (scheduler_config.json), but privlora "
+                        "trains ε-prediction UNet2DModel bases; use an ε model or an SD pipeline")
     return UNetTask(unet, scheduler, lora, base_name=base, seed=seed)
 
 

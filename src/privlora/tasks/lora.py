@@ -47,7 +47,8 @@ def add_lora(module: nn.Module, spec: LoraSpec, *, seed: int) -> list[nn.Paramet
         try:
             inject_adapter_in_model(spec.peft_config(), module)
         except ValueError as e:
-            raise UserError(f"LoRA targets {list(spec.targets)} match no layer of the base model: {e}") from None
+            raise UserError(f"LoRA targets {list(spec.targets)} match no layer of the base model: {e}"
+                            ) from None
     params = [p for n, p in module.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -83,7 +84,8 @@ def read_lora(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(file))
     except Exception as e:  # safetensors raises several types for bad headers
-        raise UserError(f"{file} is not a valid safetensors file ({e}); pickle checkpoints are refused") from None
+        raise UserError(f"{file} is not a valid safetensors file ({e}); "
+                        "pickle checkpoints are refused") from None
     return {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
 
 

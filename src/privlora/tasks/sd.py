@@ -42,8 +42,8 @@ class StableDiffusionTask(DiffusionTask):
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = str(self.scheduler.config.get("prediction_type", "epsilon"))
         if self.prediction_type not in PREDICTION_TYPES:
-            raise UserError(f"{base_name}: scheduler prediction_type {self.prediction_type!r} is not supported; "
-                            f"privlora trains {', '.join(PREDICTION_TYPES)} models")
+            raise UserError(f"{base_name}: scheduler prediction_type {self.prediction_type!r} is not "
+                            f"supported; privlora trains {', '.join(PREDICTION_TYPES)} models")
         self.base_name = base_name
         for frozen in (pipe.vae, pipe.text_encoder):
             frozen.requires_grad_(False)

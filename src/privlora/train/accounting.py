@@ -37,4 +37,5 @@ def noise_for_epsilon(*, target_epsilon: float, sample_rate: float, steps: int, 
                                           epsilon_tolerance=0.01))
     except ValueError as e:
         raise UserError(f"target ε={target_epsilon} is impossible with δ={delta:g}, q={sample_rate:.4g} and "
-                        f"{steps} steps ({e}); raise dp.target_epsilon, lower the steps or the batch size") from None
+                        f"{steps} steps ({e}); raise dp.target_epsilon, lower the steps or the batch size"
+                        ) from None

@@ -30,4 +30,5 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises several types for a damaged file
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete the run and start again") from None
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
+                        "delete the run and start again") from None

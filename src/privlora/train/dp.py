@@ -5,12 +5,13 @@ the optimizer for clipping + noise; the training loop stays the same.
 
 Per-sample gradients use Opacus' *functorch* mode: its default hooks mode returns all-zero per-sample
 gradients for ``Conv2d`` on channels_last inputs (diffusers UNets), which would silently drop the conv
-LoRA tensors. After the second step we check every LoRA tensor got a non-zero per-sample gradient
-(Opacus + PEFT has corrupted LoRA updates silently before, opacus#820).
+LoRA tensors. On the first non-empty batch after step 0 we check every LoRA tensor got a non-zero
+per-sample gradient (Opacus + PEFT has corrupted LoRA updates silently before, opacus#820).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from privlora.config import DPOptions
+from privlora.errors import UserError
 from privlora.tasks.diffusion import DiffusionTask
 from privlora.train import accounting
 
@@ -59,6 +61,7 @@ class PrivateTraining:
                                      loss_reduction="mean",
                                      generator=torch.Generator(device=task.device).manual_seed(seed + 1))
         self.steps_taken = 0
+        self.checked = False  # has check_grad_samples() passed on a real batch yet?
 
     def poisson_batch(self, generator: torch.Generator) -> list[int]:
         """Each sample joins independently with probability q — the sampling the accountant assumes."""
@@ -67,13 +70,42 @@ class PrivateTraining:
 
     def check_grad_samples(self) -> None:
         """Raise if any trainable tensor got an all-zero per-sample gradient (silent-corruption guard)."""
-        dead = [i for i, p in enumerate(self.task.trainable_parameters())
-                if getattr(p, "grad_sample", None) is not None and not torch.any(p.grad_sample != 0)]
-        if dead:
-            raise RuntimeError(f"{len(dead)} LoRA tensors received all-zero per-sample gradients "
-                               "(Opacus grad-sampler bug); refusing to train silently wrong")
+        params = self.task.trainable_parameters()
+        missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
+        dead = [i for i, p in enumerate(params) if i not in missing and not torch.any(p.grad_sample != 0)]
+        if missing or dead:
+            raise RuntimeError(f"{len(dead)} LoRA tensors received all-zero per-sample gradients and "
+                               f"{len(missing)} none at all (of {len(params)}; Opacus grad-sampler bug); "
+                               "refusing to train silently wrong")
+        self.checked = True
 
-    def step(self) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly: the noise generator, the steps spent, and the
+        mechanism's parameters (a resume must not change σ, q, C or δ behind the accountant's back)."""
+        p = self.params
+        return {"noise_generator": self.optimizer.generator.get_state(), "steps_taken": self.steps_taken,
+                "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
+                "sample_rate": p.sample_rate, "delta": p.delta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        p = self.params
+        now = {"noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
+               "sample_rate": p.sample_rate, "delta": p.delta}
+        changed = [k for k, v in now.items() if not math.isclose(float(state[k]), v, rel_tol=1e-12)]
+        if changed:
+            key = changed[0]
+            raise UserError(f"cannot resume: the interrupted run used {key}={state[key]:g}, this one "
+                            f"{now[key]:g}; ε is only valid for one mechanism — "
+                            "resume with the same settings")
+        self.optimizer.generator.set_state(state["noise_generator"])
+        self.steps_taken = int(state["steps_taken"])
+
+    def step(self, *, empty_batch: bool = False) -> None:
+        """Clip, add noise, update. An empty Poisson batch still takes a noise-only step (the accountant
+        counts it): Opacus is given zero-length per-sample gradients, as its own DataLoader would."""
+        if empty_batch:
+            for p in self.task.trainable_parameters():
+                p.grad_sample = p.new_zeros((0, *p.shape))
         self.optimizer.step()
         self.steps_taken += 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,35 @@ class Interrupted(UserError):
     """Ctrl-C during training: a checkpoint was written; ``--resume`` continues."""
 
     exit_code = 130
+
+
+class _StopRequest:
+    """Ctrl-C handling during the loop: the first Ctrl-C lets the current step finish, so the checkpoint
+    is taken at a step boundary and a resumed run matches an uninterrupted one exactly; a second
+    Ctrl-C stops at once (KeyboardInterrupt). Signal handlers exist only in the main thread; elsewhere
+    Ctrl-C is not ours to handle and nothing is installed."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.default_int_handler
+            signal.signal(signal.SIGINT, previous)
 
 
 @dataclass(frozen=True)
@@ -109,6 +139,46 @@ def _lora_spec(config: TrainConfig) -> LoraSpec | None:
     return LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets))
 
 
+def _check_resumable(config: TrainConfig, run: Path) -> None:
+    """A resumed run must continue the run it resumes: same config up to how it is shown and where."""
+    from privlora.config import load_config
+
+    saved = load_config(run / "config.yaml").model_dump(mode="json")
+    now = config.model_dump(mode="json")
+    ignored = {"resume", "quiet", "device", "out"}  # out: the same run, however its path is spelt
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            elif f"{prefix}{key}" not in ignored:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    a, b = flat(saved), flat(now)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume must repeat the interrupted run's settings, but {k} was {a.get(k)!r} "
+                        f"and is now {b.get(k)!r} (see {run / 'config.yaml'}); "
+                        f"{len(changed)} setting(s) differ")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint a resumed run continues from (and torn lines)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(kept))
+
+
 def _as_batch(data: ImageSet, indices: list[int]) -> dict[str, Any]:
     sub = data.subset(indices)
     return {"pixels": sub.pixels, "captions": sub.captions}
@@ -128,8 +198,11 @@ def train(config: TrainConfig) -> TrainResult:
         splits = Splits.load(run) if config.resume else make_splits(
             data, members=config.data.members, aux=config.data.aux, eval=config.data.eval,
             seed=config.seed, source=config.data.source)
-        members, aux, held_out = data.by_ids(splits.members), data.by_ids(splits.aux), data.by_ids(splits.eval)
-        if not config.resume:
+        members, aux = data.by_ids(splits.members), data.by_ids(splits.aux)
+        held_out = data.by_ids(splits.eval)
+        if config.resume:
+            _check_resumable(config, run)
+        else:
             splits.save(run)
             (run / "config.yaml").write_text(dump_config(config))
         return _train_loop(config, task, members, aux, held_out, out, run, start)
@@ -165,44 +238,66 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
         optimizer.load_state_dict(state["optimizer"])
         objective.load_state_dict(state["objective"])
         sampler.load_state_dict(state["sampler"])
+        if "rng" in state:  # dropout in MP/SMP's proxy attacker draws from the global generator
+            torch.set_rng_state(state["rng"])
         if private is not None:
-            private.steps_taken = step
+            private.load_state_dict(state["private"])
+        _truncate_metrics(run / "metrics.jsonl", step)
+    last_saved: int | None = step if config.resume else None
 
     def checkpoint() -> None:
+        # everything a step reads or changes, so that a resumed run repeats the uninterrupted one exactly
+        nonlocal last_saved
         save_checkpoint(run, {"step": step, "params": [p.detach().cpu() for p in params],
                               "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
-                              "sampler": sampler.state_dict()})
+                              "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
+                              "private": private.state_dict() if private is not None else {}})
+        last_saved = step
 
-    metrics = (run / "metrics.jsonl").open("a")
     last_loss, ema = float("nan"), None
     task.train()
-    previous_sigint = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with progress_bar(f"train {config.mode}", total=opts.max_steps, completed=step,
-                          quiet=config.quiet) as bar:
+        with (run / "metrics.jsonl").open("a") as metrics, _StopRequest() as stop, \
+                progress_bar(f"train {config.mode}", total=opts.max_steps, completed=step,
+                             quiet=config.quiet) as bar:
             while step < opts.max_steps:
                 logs = _one_step(task, objective, private, optimizer, params, sampler, members, generator,
-                                 grad_clip=opts.grad_clip, check=(step == 1))
+                                 grad_clip=opts.grad_clip,
+                                 # not at step 0: LoRA B starts at zero, so A's gradient is exactly zero
+                                 check=(step == 1) if private is None else (step >= 1))
                 step += 1
                 last_loss = logs.get("loss", last_loss)
                 ema = last_loss if ema is None else 0.9 * ema + 0.1 * last_loss
-                if private is not None:
-                    logs["epsilon"] = private.epsilon() if step % config.log_every == 0 else float("nan")
                 if step % config.log_every == 0 or step == opts.max_steps:
+                    if private is not None:
+                        logs["epsilon"] = private.epsilon()
                     metrics.write(json.dumps({"step": step, **logs}) + "\n")
                     metrics.flush()
-                if step % config.checkpoint_every == 0:
+                # the last step is checkpointed too: an interrupt during evaluation then repeats no step
+                if step % config.checkpoint_every == 0 or step == opts.max_steps or stop.requested:
                     checkpoint()
                 bar.advance(loss=ema)
+                if stop.requested:
+                    raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run}; "
+                                      "continue with the same command and --resume")
     except KeyboardInterrupt:
-        checkpoint()
-        metrics.close()
-        raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run}; "
-                          f"continue with the same command and --resume") from None
-    finally:
-        signal.signal(signal.SIGINT, previous_sigint)
-    metrics.close()
+        # a second Ctrl-C, or an interrupt raised inside a step: that step is torn, so a resume continues
+        # from the last checkpoint written at a step boundary
+        if last_saved is None:
+            raise  # nothing resumable: train() removes <out>.partial
+        raise Interrupted(f"interrupted during step {step + 1}; the checkpoint of step {last_saved} is in "
+                          f"{run}; continue with the same command and --resume") from None
+    try:
+        return _finish(config, task, private, members, held_out, out, run, step, ema, last_loss, start)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while saving the results; the checkpoint of step {step} is in {run}; "
+                          "continue with the same command and --resume") from None
+
+
+def _finish(config: TrainConfig, task: DiffusionTask, private: PrivateTraining | None, members: ImageSet,
+            held_out: ImageSet, out: Path, run: Path, step: int, ema: float | None, last_loss: float,
+            start: float) -> TrainResult:
+    """Adapter, privacy.json and utility.json into ``<out>.partial``, then rename it to ``<out>``."""
     privacy: dict[str, Any] = {"mechanism": "none", "mode": config.mode}
     if private is not None:
         privacy = {"mode": config.mode, **private.report()}
@@ -236,9 +331,9 @@ def _one_step(task: DiffusionTask, objective: Objective, private: PrivateTrainin
             losses = objective.per_sample_loss(_as_batch(members, indices), generator)
             losses.mean().backward()
             logs["loss"] = losses.mean().item()
-            if check:
+            if check and not private.checked:  # the first non-empty Poisson batch after step 0
                 private.check_grad_samples()
-        private.step()
+        private.step(empty_batch=not indices)
         return logs
     optimizer.zero_grad(set_to_none=True)
     result = objective.step_loss(_as_batch(members, indices), generator)

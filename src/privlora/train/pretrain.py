@@ -18,7 +18,15 @@ from safetensors.torch import save_file
 from privlora.data.demo import public
 from privlora.progress import progress_bar
 from privlora.runs import atomic_dir
-from privlora.tasks.embedded import META, SCHEDULER_CONFIG, UNET_CONFIG, WEIGHTS, new_scheduler, new_unet, unet_fp16_state
+from privlora.tasks.embedded import (
+    META,
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    WEIGHTS,
+    new_scheduler,
+    new_unet,
+    unet_fp16_state,
+)
 from privlora.tasks.unet import UNetTask
 
 
@@ -46,7 +54,7 @@ def pretrain_base(*, out: Path, steps: int = 6000, batch_size: int = 64, lr: flo
     start, ema, loss_value = time.time(), None, float("nan")
     task.train()
     with progress_bar("pretrain base", total=steps, quiet=quiet) as bar:
-        for step in range(steps):
+        for _ in range(steps):
             idx = torch.randint(0, pixels.shape[0], (batch_size,), generator=gen)
             loss = task.per_sample_loss({"pixels": pixels[idx]}, gen).mean()
             opt.zero_grad(set_to_none=True)
