@@ -158,3 +158,23 @@ def test_generate_is_deterministic_per_seed(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert _digest(base) != _digest(a)  # the adapter changes what is sampled
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_named_flags_win_over_set_and_replace_their_alternative():
+    from privlora.config import CLEAR, load_config
+
+    cfg = load_config(CONFIGS / "demo-dp.yaml", {"optim.max_steps": 7, "dp.target_epsilon": CLEAR,
+                                                  "dp.noise_multiplier": 1.5})
+    assert cfg.optim.max_steps == 7 and cfg.dp.noise_multiplier == 1.5 and cfg.dp.target_epsilon is None
+    untouched = load_config(CONFIGS / "demo-dp.yaml")
+    assert untouched.dp.target_epsilon == 8.0 and untouched.dp.noise_multiplier is None
+
+
+def test_target_epsilon_flag_replaces_a_noise_multiplier_from_set(tmp_path):
+    out = tmp_path / "run"
+    # --target-epsilon drops the σ given by --set (they are alternatives), so the impossible target is
+    # what gets reported, not a conflict between the two
+    proc = run_cli("train", "--config", str(CONFIGS / "demo-dp.yaml"), "--target-epsilon", "0.001",
+                   "--set", "dp.noise_multiplier=2", "--out", str(out), *FAST)
+    _assert_one_line_error(proc, "0.001")
+    _assert_nothing_written(out)

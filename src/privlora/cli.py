@@ -74,10 +74,10 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Any config key, e.g. --set optim.weight_decay=0.01."),
 ) -> None:
     """Train a LoRA adapter: plain, DP-LoRA (Opacus), MP-LoRA or SMP-LoRA; writes a run directory."""
-    from privlora.config import load_config, parse_assignment
+    from privlora.config import CLEAR, load_config, parse_assignment
 
     _offline_defaults()
-    overrides: dict[str, Any] = {
+    named: dict[str, Any] = {
         "mode": mode, "out": str(out) if out else None, "optim.max_steps": max_steps, "base": base,
         "data.source": data, "seed": seed, "optim.batch_size": batch_size, "optim.lr": lr, "lora.rank": rank,
         "dp.noise_multiplier": noise_multiplier, "dp.target_epsilon": target_epsilon,
@@ -85,7 +85,14 @@ def train(
         "prompt": prompt, "device": device, "resume": resume or None, "trust_pickle": trust_pickle or None,
         "quiet": quiet or None,
     }
-    overrides.update(dict(parse_assignment(s) for s in set_))
+    # σ and a target ε are alternatives: naming one on the command line drops the other from the file
+    if noise_multiplier is not None and target_epsilon is None:
+        named["dp.target_epsilon"] = CLEAR
+    if target_epsilon is not None and noise_multiplier is None:
+        named["dp.noise_multiplier"] = CLEAR
+    # named flags win over --set, which wins over the config file
+    overrides: dict[str, Any] = dict(parse_assignment(s) for s in set_)
+    overrides.update({k: v for k, v in named.items() if v is not None})
     settings = load_config(config, overrides)  # bad keys fail here, before torch is imported
     from privlora.train.loop import train as run_training
 

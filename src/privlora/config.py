@@ -151,11 +151,30 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+#: override value that removes a key from the YAML tree (back to its default), e.g. ``--noise-multiplier``
+#: on the command line clears a ``target_epsilon`` from the config file: the two are alternatives.
+CLEAR: Any = object()
+
+
+def _clear_dotted(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node: Any = tree
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Load a train config from YAML (optional), apply dotted overrides, validate strictly."""
+    """Load a train config from YAML (optional), apply dotted overrides, validate strictly.
+
+    ``None`` values are ignored (flag not given); :data:`CLEAR` removes the key.
+    """
     tree = read_yaml(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
-        if value is not None:
+        if value is CLEAR:
+            _clear_dotted(tree, dotted)
+        elif value is not None:
             _set_dotted(tree, dotted, value)
     try:
         return TrainConfig.model_validate(tree)
