@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -15,6 +16,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # Tiny convolutions run far faster single-threaded on a small shared CPU (measured ~200× on 2 cores
 # under load); subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -27,6 +29,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     """Run the real ``privlora`` entry point in a subprocess (exit codes and stderr as a user sees them)."""
     return subprocess.run([sys.executable, "-m", "privlora", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """Bad input as the user must see it: exit 2, one ``error:`` line on stderr, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), lines[0]
+
+
+def assert_nothing_written(out: Path) -> None:
+    """Neither the run directory nor its ``.partial`` working copy exists."""
+    assert not out.exists()
+    assert not out.with_name(out.name + ".partial").exists()
 
 
 @pytest.fixture

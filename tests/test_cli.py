@@ -10,22 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CONFIGS, FAST, run_cli
-
-
-def _assert_one_line_error(proc, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def _assert_nothing_written(out: Path) -> None:
-    assert not out.exists()
-    assert not out.with_name(out.name + ".partial").exists()
+from conftest import CONFIGS, FAST, assert_nothing_written, assert_one_line_error, run_cli
 
 
 def test_help_explains_every_command():
@@ -44,60 +29,60 @@ def test_unknown_config_key_in_file(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text((CONFIGS / "demo-plain.yaml").read_text() + "\noptim_typo: 3\n")
     out = tmp_path / "run"
-    _assert_one_line_error(run_cli("train", "--config", str(cfg), "--out", str(out)), "optim_typo")
-    _assert_nothing_written(out)
+    assert_one_line_error(run_cli("train", "--config", str(cfg), "--out", str(out)), "optim_typo")
+    assert_nothing_written(out)
 
 
 def test_unknown_nested_key_on_command_line(tmp_path):
     out = tmp_path / "run"
-    _assert_one_line_error(run_cli("train", "--set", "optim.foo=1", "--out", str(out)), "optim.foo")
-    _assert_nothing_written(out)
+    assert_one_line_error(run_cli("train", "--set", "optim.foo=1", "--out", str(out)), "optim.foo")
+    assert_nothing_written(out)
 
 
 def test_wrong_value_type_is_one_line(tmp_path):
     out = tmp_path / "run"
-    _assert_one_line_error(run_cli("train", "--set", "optim.batch_size=many", "--out", str(out)),
+    assert_one_line_error(run_cli("train", "--set", "optim.batch_size=many", "--out", str(out)),
                            "optim.batch_size")
-    _assert_nothing_written(out)
+    assert_nothing_written(out)
 
 
 def test_missing_and_malformed_config_file(tmp_path):
     out = tmp_path / "run"
-    _assert_one_line_error(run_cli("train", "--config", str(tmp_path / "nope.yaml"), "--out", str(out)),
+    assert_one_line_error(run_cli("train", "--config", str(tmp_path / "nope.yaml"), "--out", str(out)),
                            "nope.yaml")
     bad = tmp_path / "broken.yaml"
     bad.write_text("optim: [unclosed\n  lr: 1\n")
-    _assert_one_line_error(run_cli("train", "--config", str(bad), "--out", str(out)), "broken.yaml")
-    _assert_nothing_written(out)
+    assert_one_line_error(run_cli("train", "--config", str(bad), "--out", str(out)), "broken.yaml")
+    assert_nothing_written(out)
 
 
 def test_unknown_mode(tmp_path):
     out = tmp_path / "run"
-    _assert_one_line_error(run_cli("train", "--mode", "magic", "--out", str(out)), "mode")
-    _assert_nothing_written(out)
+    assert_one_line_error(run_cli("train", "--mode", "magic", "--out", str(out)), "mode")
+    assert_nothing_written(out)
 
 
 def test_dp_with_impossible_target_epsilon(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--config", str(CONFIGS / "demo-dp.yaml"), "--target-epsilon", "0.001",
                    "--max-steps", "300", "--out", str(out), *FAST)
-    _assert_one_line_error(proc, "0.001")
-    _assert_nothing_written(out)
+    assert_one_line_error(proc, "0.001")
+    assert_nothing_written(out)
 
 
 def test_missing_image_folder(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--data", str(tmp_path / "no-such-folder"), "--out", str(out), *FAST)
-    _assert_one_line_error(proc, "no-such-folder")
-    _assert_nothing_written(out)
+    assert_one_line_error(proc, "no-such-folder")
+    assert_nothing_written(out)
 
 
 def test_pickle_checkpoint_as_base_is_refused(tmp_path):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"w": torch.zeros(1)}, ckpt)
     out = tmp_path / "run"
-    _assert_one_line_error(run_cli("train", "--base", str(ckpt), "--out", str(out), *FAST), "pickle")
-    _assert_nothing_written(out)
+    assert_one_line_error(run_cli("train", "--base", str(ckpt), "--out", str(out), *FAST), "pickle")
+    assert_nothing_written(out)
 
 
 def test_pickle_only_unet_folder_is_refused(tmp_path):
@@ -109,19 +94,19 @@ def test_pickle_only_unet_folder_is_refused(tmp_path):
                 layers_per_block=1, norm_num_groups=4).save_pretrained(folder, safe_serialization=False)
     assert not list(folder.glob("*.safetensors"))
     out = tmp_path / "run"
-    _assert_one_line_error(run_cli("train", "--base", str(folder), "--out", str(out), *FAST), "pickle")
-    _assert_nothing_written(out)
+    assert_one_line_error(run_cli("train", "--base", str(folder), "--out", str(out), *FAST), "pickle")
+    assert_nothing_written(out)
 
 
 def test_unknown_base(tmp_path):
     out = tmp_path / "run"
-    _assert_one_line_error(run_cli("train", "--base", "not-a-model", "--out", str(out), *FAST), "not-a-model")
-    _assert_nothing_written(out)
+    assert_one_line_error(run_cli("train", "--base", "not-a-model", "--out", str(out), *FAST), "not-a-model")
+    assert_nothing_written(out)
 
 
 def test_generate_from_missing_run(tmp_path):
     png = tmp_path / "x.png"
-    _assert_one_line_error(run_cli("generate", str(tmp_path / "nothing"), "--out", str(png)), "nothing")
+    assert_one_line_error(run_cli("generate", str(tmp_path / "nothing"), "--out", str(png)), "nothing")
     assert not png.exists()
 
 
@@ -176,5 +161,5 @@ def test_target_epsilon_flag_replaces_a_noise_multiplier_from_set(tmp_path):
     # what gets reported, not a conflict between the two
     proc = run_cli("train", "--config", str(CONFIGS / "demo-dp.yaml"), "--target-epsilon", "0.001",
                    "--set", "dp.noise_multiplier=2", "--out", str(out), *FAST)
-    _assert_one_line_error(proc, "0.001")
-    _assert_nothing_written(out)
+    assert_one_line_error(proc, "0.001")
+    assert_nothing_written(out)

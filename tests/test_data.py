@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, run_cli
+from conftest import FAST, assert_one_line_error, run_cli
 from privlora.data.demo import digits_private, faces, public
 from privlora.data.folder import load_folder, load_image
 from privlora.data.imageset import ImageSet
@@ -184,22 +184,13 @@ def test_unusable_folder_is_a_user_error(tmp_path, case):
         assert "3 files skipped" in str(err.value)
 
 
-def _assert_one_line_error(proc, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
 
 def test_cli_only_corrupt_folder(tmp_path):
     folder = tmp_path / "corrupt"
     _corrupt_files(folder)
     out = tmp_path / "run"
     proc = run_cli("train", "--data", str(folder), "--max-steps", "1", "--out", str(out), *FAST)
-    _assert_one_line_error(proc, "corrupt")
+    assert_one_line_error(proc, "corrupt")
     assert not out.exists() and not out.with_name("run.partial").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt"]
 

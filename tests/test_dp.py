@@ -29,13 +29,6 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared: one intra-op thread is faster than two fighting for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _lora_task(seed: int = 0) -> tuple[DiffusionTask, list[str]]:

@@ -14,13 +14,6 @@ from privlora.train.objectives import OBJECTIVES, MPObjective, Objective, ProxyA
 SHAPE = (1, 4, 4)  # a tiny "error map": 16 attack features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared: one intra-op thread is faster than two fighting for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class FakeTask:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST
+from conftest import FAST, assert_nothing_written, assert_one_line_error
 from conftest import run_cli as _run_cli
 
 # 8 images: 4 members, 2 aux, 2 eval — enough for every mode, including SMP's proxy attacker.
@@ -54,19 +54,6 @@ def run_cli(*args: str):
         return _run_cli(*args)
 
 
-def _assert_one_line_error(proc, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), lines[0]
-
-
-def _assert_nothing_written(out: Path) -> None:
-    assert not out.exists()
-    assert not out.with_name(out.name + ".partial").exists()
 
 
 def _tiny_tokenizer(folder: Path):
@@ -274,8 +261,8 @@ def test_generate_on_sd_run(sd_run, tmp_path):
 
 def test_missing_captions_is_a_user_error(sd, tmp_path):
     out = tmp_path / "run"
-    _assert_one_line_error(run_cli(*_train_args(sd, out, "plain", data="bare")), "caption", "--prompt")
-    _assert_nothing_written(out)
+    assert_one_line_error(run_cli(*_train_args(sd, out, "plain", data="bare")), "caption", "--prompt")
+    assert_nothing_written(out)
 
 
 def test_prompt_supplies_missing_captions(sd, tmp_path):
@@ -302,8 +289,8 @@ def test_cli_pickle_only_pipeline_is_refused(sd, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--base", str(sd["pickle"]), "--data", str(sd["images"]), "--max-steps", "1",
                    "--out", str(out), *SPLIT, *FAST)
-    _assert_one_line_error(proc, "pickle", "--trust-pickle")
-    _assert_nothing_written(out)
+    assert_one_line_error(proc, "pickle", "--trust-pickle")
+    assert_nothing_written(out)
 
 
 def test_trust_pickle_loads_the_pipeline(sd):
