@@ -163,3 +163,10 @@ def test_target_epsilon_flag_replaces_a_noise_multiplier_from_set(tmp_path):
                    "--set", "dp.noise_multiplier=2", "--out", str(out), *FAST)
     assert_one_line_error(proc, "0.001")
     assert_nothing_written(out)
+
+
+def test_multi_process_launch_is_refused_not_raced(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    assert_one_line_error(run_cli("train", "--max-steps", "1", "--out", str(out), *FAST), "WORLD_SIZE=2")
+    assert_nothing_written(out)

@@ -184,10 +184,26 @@ def _as_batch(data: ImageSet, indices: list[int]) -> dict[str, Any]:
     return {"pixels": sub.pixels, "captions": sub.captions}
 
 
+def _refuse_multiprocess() -> None:
+    """Multi-process launches (``accelerate launch``, ``torchrun``) are not supported yet.
+
+    Without sharding and gradient all-reduce every process would train the whole model alone and
+    race to write the same run directory — and under DP each would spend its own ε. Refusing is
+    honest; one process per GPU (``--device cuda``) works.
+    """
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise UserError(f"multi-process training (WORLD_SIZE={world}, e.g. accelerate launch or torchrun) "
+                        "is not supported yet; run one process, e.g. with --device cuda")
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train a LoRA adapter as ``config`` says and write the run directory (see DESIGN.md)."""
     from privlora.tasks.loading import load_task
 
+    _refuse_multiprocess()
     start = time.time()
     torch.manual_seed(config.seed)
     out, run = _run_dirs(config)
