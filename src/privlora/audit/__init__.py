@@ -1,0 +1,1 @@
+"""Privacy audit: attack metrics (and, as the audit issue lands, attacks, runner and report)."""
