@@ -131,6 +131,29 @@ def generate(
     typer.echo(f"wrote {result.count} images to {result.out}")
 
 
+@app.command()
+@_one_line_errors
+def audit(
+    run: Path = typer.Option(..., "--run", help="Run directory written by `privlora train`."),
+    attacks: str = typer.Option("loss", help="Comma-separated attacks (available: loss)."),
+    seed: int = typer.Option(0, help="Seed for the attacks' noise."),
+) -> None:
+    """Membership audit of a run: members vs evaluation non-members, adapter vs base-model control."""
+    from privlora.audit.runner import audit_run
+
+    _offline_defaults()
+    results = audit_run(run, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), seed=seed)
+    typer.echo(f"audit of {run} ({results['members']} members vs {results['nonmembers']} non-members) "
+               f"→ {run / 'audit'}")
+    for name, r in results["attacks"].items():
+        a, b = r["adapter"], r["base_control"]
+        tpr = a["tpr_at_0.01_fpr"]
+        typer.echo(f"  {name}: AUC {a['auc']:.3f} [{a['auc_ci_low']:.3f}, {a['auc_ci_high']:.3f}]  "
+                   f"base control {b['auc']:.3f} [{b['auc_ci_low']:.3f}, {b['auc_ci_high']:.3f}]  "
+                   f"TPR@1%FPR {'n/a (too few non-members)' if tpr is None else f'{tpr:.3f}'}  "
+                   f"ε lower bound {a['epsilon_lower_bound']:.2f}")
+
+
 @base_app.command("pretrain")
 @_one_line_errors
 def base_pretrain(
