@@ -64,7 +64,7 @@ def test_unknown_mode(tmp_path):
 
 def test_dp_with_impossible_target_epsilon(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("train", "--config", str(CONFIGS / "demo-dp.yaml"), "--target-epsilon", "0.001",
+    proc = run_cli("train", "--config", str(CONFIGS / "dp-digits.yaml"), "--target-epsilon", "0.001",
                    "--max-steps", "300", "--out", str(out), *FAST)
     assert_one_line_error(proc, "0.001")
     assert_nothing_written(out)
@@ -148,10 +148,10 @@ def test_generate_is_deterministic_per_seed(tiny_run, tmp_path):
 def test_named_flags_win_over_set_and_replace_their_alternative():
     from privlora.config import CLEAR, load_config
 
-    cfg = load_config(CONFIGS / "demo-dp.yaml", {"optim.max_steps": 7, "dp.target_epsilon": CLEAR,
+    cfg = load_config(CONFIGS / "dp-digits.yaml", {"optim.max_steps": 7, "dp.target_epsilon": CLEAR,
                                                   "dp.noise_multiplier": 1.5})
     assert cfg.optim.max_steps == 7 and cfg.dp.noise_multiplier == 1.5 and cfg.dp.target_epsilon is None
-    untouched = load_config(CONFIGS / "demo-dp.yaml")
+    untouched = load_config(CONFIGS / "dp-digits.yaml")
     assert untouched.dp.target_epsilon == 8.0 and untouched.dp.noise_multiplier is None
 
 
@@ -159,7 +159,7 @@ def test_target_epsilon_flag_replaces_a_noise_multiplier_from_set(tmp_path):
     out = tmp_path / "run"
     # --target-epsilon drops the σ given by --set (they are alternatives), so the impossible target is
     # what gets reported, not a conflict between the two
-    proc = run_cli("train", "--config", str(CONFIGS / "demo-dp.yaml"), "--target-epsilon", "0.001",
+    proc = run_cli("train", "--config", str(CONFIGS / "dp-digits.yaml"), "--target-epsilon", "0.001",
                    "--set", "dp.noise_multiplier=2", "--out", str(out), *FAST)
     assert_one_line_error(proc, "0.001")
     assert_nothing_written(out)

@@ -134,24 +134,35 @@ def generate(
 @app.command()
 @_one_line_errors
 def audit(
-    run: Path = typer.Option(..., "--run", help="Run directory written by `privlora train`."),
-    attacks: str = typer.Option("loss", help="Comma-separated attacks (available: loss)."),
-    seed: int = typer.Option(0, help="Seed for the attacks' noise."),
+    run: list[Path] = typer.Option(..., "--run", help="Run directory written by `privlora train`; repeat to "
+                                   "compare several runs in one report (they share the reference adapters)."),
+    attacks: str = typer.Option("loss,secmi,pia,sima", help="Comma-separated model-only attacks "
+                                "(loss, secmi, pia, sima); lira and rmia join with --references."),
+    references: int = typer.Option(0, "--references", help="Train K reference adapters on random halves of "
+                                   "members ∪ evaluation non-members for LiRA and RMIA (K even; 0: none)."),
+    reference_dir: Path = typer.Option(None, "--reference-dir", help="Where reference adapters live and are "
+                                       "reused (default: <first run>/references)."),
+    fpr: str = typer.Option(None, help="FPRs for TPR@FPR, e.g. 0.01,0.001 (default: those the data allows)."),
+    extraction: int = typer.Option(0, "--extraction", help="Also generate N images and look for training-image "
+                                   "copies (Carlini et al. 2023); 0: skip."),
+    report: Path = typer.Option(None, help="HTML report (default: <run>/audit/report.html, or report.html "
+                                "beside the runs when several are given)."),
+    seed: int = typer.Option(0, help="Seed for the attacks' noise and the reference halves."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Membership audit of a run: members vs evaluation non-members, adapter vs base-model control."""
-    from privlora.audit.runner import audit_run
+    """Audit runs for membership leakage and memorisation; writes <run>/audit/ and a report."""
+    from privlora.audit.session import audit_session
 
     _offline_defaults()
-    results = audit_run(run, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), seed=seed)
-    typer.echo(f"audit of {run} ({results['members']} members vs {results['nonmembers']} non-members) "
-               f"→ {run / 'audit'}")
-    for name, r in results["attacks"].items():
-        a, b = r["adapter"], r["base_control"]
-        tpr = a["tpr_at_0.01_fpr"]
-        typer.echo(f"  {name}: AUC {a['auc']:.3f} [{a['auc_ci_low']:.3f}, {a['auc_ci_high']:.3f}]  "
-                   f"base control {b['auc']:.3f} [{b['auc_ci_low']:.3f}, {b['auc_ci_high']:.3f}]  "
-                   f"TPR@1%FPR {'n/a (too few non-members)' if tpr is None else f'{tpr:.3f}'}  "
-                   f"ε lower bound {a['epsilon_lower_bound']:.2f}")
+    names = tuple(a.strip() for a in attacks.split(",") if a.strip())
+    fprs = None
+    if fpr:
+        try:
+            fprs = tuple(float(f) for f in fpr.split(","))
+        except ValueError:
+            raise UserError(f"--fpr expects numbers like 0.01,0.001, got {fpr!r}") from None
+    audit_session(run, attacks=names, references=references, reference_dir=reference_dir, fprs=fprs,
+                  extraction=extraction, report=report, seed=seed, quiet=quiet, echo=typer.echo)
 
 
 @base_app.command("pretrain")
@@ -184,6 +195,91 @@ def base_info() -> None:
     size = (assets_dir() / "base_unet.safetensors").stat().st_size
     typer.echo(json.dumps({"parameters": sum(p.numel() for p in unet.parameters()), "file_bytes": size,
                            **meta}, indent=2))
+
+
+canary_app = typer.Typer(no_args_is_help=True,
+                         help="Canaries: plant an invisible watermark in training images, look for it in generations.")
+app.add_typer(canary_app, name="canary")
+
+
+@canary_app.command("embed")
+@_one_line_errors
+def canary_embed(
+    src: Path = typer.Argument(..., help="Image folder (metadata.jsonl or .txt captions); never modified."),
+    out: Path = typer.Argument(..., help="New folder for the marked copy (written atomically)."),
+    key: int = typer.Option(..., "--key", help="Secret integer key; detection needs it. Use a large random one."),
+    fraction: float = typer.Option(0.5, help="Fraction of the images to mark."),
+    strength: float = typer.Option(3.0, help="RMS change per pixel in grey levels (3 ≈ 38.6 dB PSNR)."),
+    seed: int = typer.Option(0, help="Seed for which images are marked."),
+    resolution: int = typer.Option(32, help="Training resolution the DCT band is chosen for."),
+    band: str = typer.Option(None, help="DCT band LO,HI (lo ≤ u+v < hi); default resolution/4,resolution."),
+) -> None:
+    """Copy an image folder with a key-seeded DCT watermark in a fraction of its images; writes canary.json."""
+    from privlora.audit.canary import embed_folder, parse_band
+
+    _offline_defaults()
+    m = embed_folder(src, out, key=key, fraction=fraction, strength=strength, seed=seed, resolution=resolution,
+                     band=parse_band(band) if band else None)
+    zs = sorted(e["z_at_resolution"] for e in m["marked"])
+    typer.echo(f"marked {m['marked_count']} of {m['images']} images → {out} (manifest {out / 'canary.json'})")
+    typer.echo(f"  PSNR min {m['psnr']['min']:.1f} dB, mean {m['psnr']['mean']:.1f} dB; "
+               f"z at {resolution}px median {zs[len(zs) // 2]:.2f} (min {zs[0]:.2f}); keep the key secret")
+
+
+@canary_app.command("detect")
+@_one_line_errors
+def canary_detect(
+    run: Path = typer.Option(..., "--run", help="Run directory written by `privlora train`."),
+    key: int = typer.Option(..., "--key", help="The key the images were marked with."),
+    manifest: Path = typer.Option(..., "--manifest", help="canary.json written by `privlora canary embed`."),
+    n: int = typer.Option(64, help="Generations with the adapter (and as many without)."),
+    seed: int = typer.Option(0, help="Sampling seed (the same for adapter and clean generations)."),
+    fpr: float = typer.Option(0.01, help="Largest false-positive rate allowed (analytic and on clean generations)."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    prompt: str = typer.Option(None, help="Text-to-image bases: prompt (default: the marked images' captions)."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+) -> None:
+    """Look for the canary in a run's generations; writes <run>/audit/canary.json."""
+    from privlora.audit.canary import detect_run
+
+    _offline_defaults()
+    r = detect_run(run, key=key, manifest=manifest, n=n, seed=seed, fpr=fpr, steps=steps, prompt=prompt,
+                   device=device)
+    lo, hi = r["detection_rate_ci95"]
+    typer.echo(f"canary detected in {r['detected']}/{r['n']} generations (rate {r['detection_rate']:.3f} "
+               f"[{lo:.3f}, {hi:.3f}]) at z > {r['threshold']:.2f} → {run / 'audit' / 'canary.json'}")
+    typer.echo(f"  false positives: clean generations {r['fpr_clean']:.3f}, analytic {r['fpr_analytic']:.2g}; "
+               f"mean z adapter {r['z_adapter']['mean']:.2f} vs clean {r['z_clean']['mean']:.2f}"
+               + (f" (paired p={r['paired']['p_value']:.2g})" if r["paired"] else ""))
+
+
+@app.command()
+@_one_line_errors
+def spectrum(
+    sources: list[Path] = typer.Argument(..., help="Run or adapter directories (safetensors only)."),
+    out: Path = typer.Option(None, "--out", help="PNG comparing the adapters' spectra."),
+    json_out: Path = typer.Option(None, "--json", help="JSON with every layer's singular values and figures."),
+    top_k: int = typer.Option(4, "--top-k", help="k of the top-k energy share."),
+) -> None:
+    """Singular-value spectrum of each LoRA update ΔW: effective rank, energy shares, suspicious layers."""
+    from privlora.audit.spectrum import adapter_spectrum, spectrum_plot
+    from privlora.runs import write_json_atomic
+
+    _offline_defaults()
+    spectra = {str(s): adapter_spectrum(s, top_k=top_k) for s in dict.fromkeys(sources)}
+    for label, sp in spectra.items():
+        s = sp["summary"]
+        eff, top1 = s["mean_effective_rank"], s["mean_energy_top1"]
+        typer.echo(f"{label}: {s['layers']} layers (rank {sp['rank']}, {s['zero_layers']} zero), "
+                   f"mean effective rank {'n/a' if eff is None else f'{eff:.2f}'}, "
+                   f"mean top-1 energy {'n/a' if top1 is None else f'{top1:.3f}'}, "
+                   f"suspicious layers {len(s['suspicious_layers'])}"
+                   + (f" (e.g. {s['suspicious_layers'][0]})" if s["suspicious_layers"] else ""))
+    if out is not None:
+        typer.echo(f"wrote {spectrum_plot(spectra, out)}")
+    if json_out is not None:
+        write_json_atomic(json_out, spectra)
+        typer.echo(f"wrote {json_out}")
 
 
 def main() -> None:

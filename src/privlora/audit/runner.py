@@ -4,80 +4,203 @@ Reads the run directory (config.yaml, splits.json, adapter/), scores every membe
 evaluation non-member with each attack — once with the adapter and once with the adapter disabled
 (the base model: the control every result must be read against) — and writes ``<run>/audit/``
 atomically: ``scores.csv`` (one row per image: id, member label, one column per attack and control)
-and ``results.json`` (the metrics of :mod:`privlora.audit.metrics` for each).
+and ``results.json`` (the metrics of :mod:`privlora.audit.metrics` for each, plus extraction when
+asked). Reference attacks (LiRA, RMIA) join when ``references`` > 0.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from privlora.audit import references as refs_mod
 from privlora.audit.attacks import ATTACKS
 from privlora.audit.metrics import summarize
+from privlora.data.imageset import ImageSet
 from privlora.errors import UserError
 from privlora.runs import atomic_dir
 
+REFERENCE_ATTACKS = {"lira": "Carlini et al. 2022 (LiRA, online)", "rmia": "Zarifzadeh et al. 2024 (RMIA)"}
+DEFAULT_FPRS = (0.01, 0.001)
 
-def _load_run(run: Path) -> tuple[Any, Any, Any]:
+
+@dataclass
+class LoadedRun:
+    """Everything an audit needs from a run directory."""
+
+    path: Path
+    config: Any
+    task: Any
+    members: ImageSet
+    held_out: ImageSet
+    aux: ImageSet
+    delta: float
+    privacy: dict[str, Any]
+    utility: dict[str, Any]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_run(run: Path) -> LoadedRun:
+    """Load base + adapter + the three splits of a run, refusing anything that would void the audit."""
     from privlora.config import load_config
     from privlora.data.splits import Splits
+    from privlora.generate import adapter_base
     from privlora.tasks.loading import load_task
-    from privlora.tasks.lora import read_spec
+    from privlora.tasks.lora import PEFT_CONFIG, read_spec
     from privlora.train.data import load_training_data
 
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run directory {run} does not exist")
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run directory (no config.yaml)")
-    if not (run / "adapter").is_dir():
-        raise UserError(f"{run} has no adapter/ to audit")
+    if not (run / "adapter" / PEFT_CONFIG).is_file():
+        raise UserError(f"{run} has no adapter/ to audit (missing {PEFT_CONFIG})")
     config = load_config(run / "config.yaml", {"resume": False})
+    trained_on = adapter_base(run / "adapter")
+    if trained_on != config.base:
+        raise UserError(f"the adapter in {run} was trained on base {trained_on!r}, the run's config says "
+                        f"{config.base!r}: it cannot be audited against this base")
     splits = Splits.load(run)
     overlap = set(splits.members) & set(splits.eval)
     if overlap:
         raise UserError(f"splits.json lists {len(overlap)} images as both member and evaluation non-member "
                         f"(e.g. {sorted(overlap)[0]}); the audit would be meaningless")
     task = load_task(config.base, read_spec(run / "adapter"), seed=config.seed,
-                     trust_pickle=config.trust_pickle)
+                     trust_pickle=config.trust_pickle, device=config.device)
     task.load_adapter(run / "adapter")
     task.model.eval()
     data = load_training_data(config, task)
-    return config, task, (data.by_ids(splits.members), data.by_ids(splits.eval))
+    missing = [i for i in [*splits.members, *splits.eval, *splits.aux] if i not in set(data.ids)]
+    if missing:
+        raise UserError(f"{len(missing)} images of splits.json are not in {config.data.source} "
+                        f"(e.g. {missing[0]}); was the data changed after training?")
+    if hasattr(task, "sample_shape") and not getattr(task, "needs_captions", False):
+        expected = tuple(task.sample_shape())
+        if tuple(data.pixels.shape[1:]) != expected:
+            raise UserError(f"images are {tuple(data.pixels.shape[1:])} but the base model takes {expected}")
+    privacy = _read_json(run / "privacy.json")
+    return LoadedRun(path=run, config=config, task=task, members=data.by_ids(splits.members),
+                     held_out=data.by_ids(splits.eval), aux=data.by_ids(splits.aux),
+                     delta=float(privacy.get("delta") or 0.0), privacy=privacy,
+                     utility=_read_json(run / "utility.json"))
 
 
-def audit_run(run: Path, *, attacks: tuple[str, ...] = ("loss",), seed: int = 0) -> dict[str, Any]:
+def _check_attacks(attacks: tuple[str, ...], references: int) -> tuple[str, ...]:
+    known = {**ATTACKS, **REFERENCE_ATTACKS}
+    for a in attacks:
+        if a not in known:
+            raise UserError(f"unknown attack {a!r}; available: {', '.join(known)}")
+        if a in REFERENCE_ATTACKS and references == 0:
+            raise UserError(f"attack {a!r} needs reference adapters: add --references K (e.g. 2)")
+    if references and not any(a in REFERENCE_ATTACKS for a in attacks):
+        attacks = (*attacks, *REFERENCE_ATTACKS)
+    return attacks
+
+
+def _check_fprs(fprs: tuple[float, ...] | None, nonmembers: int) -> tuple[float, ...]:
+    """Asked-for FPRs must be measurable; the defaults are reported as n/a when they are not."""
+    if fprs is None:
+        return DEFAULT_FPRS
+    for f in fprs:
+        if not 0 < f < 1:
+            raise UserError(f"FPR must be in (0, 1), got {f}")
+        if nonmembers * f < 1:
+            raise UserError(f"TPR at {f:g} FPR needs at least {int(np.ceil(1 / f))} evaluation non-members; "
+                            f"this run has {nonmembers}")
+    return fprs
+
+
+def score_run(loaded: LoadedRun, attacks: tuple[str, ...], *, seed: int,
+              refs: refs_mod.References | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Score columns (``name`` and ``name_base``) for every attack, and seconds spent per attack."""
+    task, members, held_out = loaded.task, loaded.members, loaded.held_out
+    both = ImageSet(ids=[*members.ids, *held_out.ids], pixels=torch.cat([members.pixels, held_out.pixels]),
+                    captions=[*members.captions, *held_out.captions])
+    columns: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    for name in (a for a in attacks if a in ATTACKS):
+        start = time.perf_counter()
+        score = ATTACKS[name].score
+        columns[name] = np.r_[score(task, members, seed=seed), score(task, held_out, seed=seed + 1)]
+        with task.adapter_disabled():
+            columns[f"{name}_base"] = np.r_[score(task, members, seed=seed), score(task, held_out, seed=seed + 1)]
+        seconds[name] = time.perf_counter() - start
+    if refs is not None:
+        start = time.perf_counter()
+        z = loaded.aux if len(loaded.aux) else both  # RMIA's population samples: known non-members
+        target = refs_mod.loss_signal(task, both, seed=seed)
+        target_z = refs_mod.loss_signal(task, z, seed=seed + 7)
+        with task.adapter_disabled():
+            base = refs_mod.loss_signal(task, both, seed=seed)
+            base_z = refs_mod.loss_signal(task, z, seed=seed + 7)
+        ref = refs_mod.reference_signals(task, both, refs, seed=seed, target_adapter=loaded.path / "adapter")
+        ref_z = refs_mod.reference_signals(task, z, refs, seed=seed + 7, target_adapter=loaded.path / "adapter")
+        inside = refs.membership(both.ids)
+        for name, t, tz in (("", target, target_z), ("_base", base, base_z)):
+            if "lira" in attacks:
+                columns[f"lira{name}"] = refs_mod.lira_scores(t, ref, inside)
+            if "rmia" in attacks:
+                columns[f"rmia{name}"] = refs_mod.rmia_scores(t, ref, tz, ref_z)
+        seconds["references"] = time.perf_counter() - start
+    order = [c for a in attacks for c in (a, f"{a}_base")]
+    return {c: columns[c] for c in order}, seconds
+
+
+def audit_run(run: Path, *, attacks: tuple[str, ...] = tuple(ATTACKS), references: int = 0,
+              reference_dir: Path | None = None, fprs: tuple[float, ...] | None = None, seed: int = 0,
+              quiet: bool = True, loaded: LoadedRun | None = None) -> dict[str, Any]:
     """Score, summarise and write ``<run>/audit/``; returns the contents of results.json."""
     run = Path(run)
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown:
-        raise UserError(f"unknown attack {unknown[0]!r}; available: {', '.join(ATTACKS)}")
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist")
-    config, task, (members, held_out) = _load_run(run)
-    if len(members) == 0 or len(held_out) == 0:
-        raise UserError("the audit needs members and evaluation non-members (data.eval > 0)")
+    attacks = _check_attacks(tuple(attacks), references)
+    loaded = loaded or load_run(run)
+    members, held_out = loaded.members, loaded.held_out
+    if len(members) < 2 or len(held_out) < 2:
+        raise UserError(f"the audit needs at least 2 members and 2 evaluation non-members "
+                        f"(this run has {len(members)} and {len(held_out)}; set data.eval > 0 when training)")
+    fprs = _check_fprs(fprs, len(held_out))
+    refs = None
+    if references:
+        population = [*members.ids, *held_out.ids]
+        refs = refs_mod.ensure_references(loaded.config, population, k=references,
+                                          directory=Path(reference_dir or run / "references"), seed=seed,
+                                          quiet=quiet)
     labels = np.r_[np.ones(len(members), int), np.zeros(len(held_out), int)]
-    columns: dict[str, np.ndarray] = {}
-    results: dict[str, Any] = {"run": str(run), "mode": config.mode, "members": len(members),
-                               "nonmembers": len(held_out), "seed": seed, "attacks": {}}
-    privacy = run / "privacy.json"
-    delta = float(json.loads(privacy.read_text()).get("delta") or 0.0) if privacy.exists() else 0.0
+    columns, seconds = score_run(loaded, attacks, seed=seed, refs=refs)
+    results: dict[str, Any] = {
+        "run": str(run), "mode": loaded.config.mode, "members": len(members), "nonmembers": len(held_out),
+        "seed": seed, "epsilon": loaded.privacy.get("epsilon"), "delta": loaded.delta or None,
+        "utility": {k: loaded.utility.get(k) for k in ("loss_members", "loss_heldout", "base_loss_heldout",
+                                                        "frechet_distance", "base_frechet_distance")},
+        "references": None if refs is None else {"k": references, "directory": str(refs.directory),
+                                                 "recipe": refs.recipe},
+        "attacks": {}}
     for name in attacks:
-        attack = ATTACKS[name]
-        adapter = np.r_[attack(task, members, seed=seed), attack(task, held_out, seed=seed + 1)]
-        with task.adapter_disabled():
-            base = np.r_[attack(task, members, seed=seed), attack(task, held_out, seed=seed + 1)]
-        columns[name], columns[f"{name}_base"] = adapter, base
-        results["attacks"][name] = {"adapter": summarize(adapter, labels, delta=delta, seed=seed),
-                                    "base_control": summarize(base, labels, delta=delta, seed=seed)}
+        info = ATTACKS[name] if name in ATTACKS else None
+        results["attacks"][name] = {
+            "paper": info.paper if info else REFERENCE_ATTACKS[name],
+            "queries_per_image": info.queries if info else len(refs_mod.SIGNAL_TIMESTEPS) * (references + 1),
+            "adapter": summarize(columns[name], labels, delta=loaded.delta, fprs=fprs, seed=seed),
+            "base_control": summarize(columns[f"{name}_base"], labels, delta=loaded.delta, fprs=fprs, seed=seed)}
+    results["seconds"] = seconds
     with atomic_dir(run / "audit") as tmp:
         with (tmp / "scores.csv").open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["id", "member", *columns])
-            ids = [*members.ids, *held_out.ids]
-            for i, sample_id in enumerate(ids):
+            for i, sample_id in enumerate([*members.ids, *held_out.ids]):
                 writer.writerow([sample_id, int(labels[i]), *(repr(float(c[i])) for c in columns.values())])
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -64,6 +64,11 @@ class DiffusionTask(ABC):
         x_t = self.scheduler.add_noise(x0, noise, t)
         return self._denoise(x_t, t, batch or {})
 
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, batch: dict[str, Any] | None = None) -> torch.Tensor:
+        """ε_θ(x_t, t) at a given model input — for attacks that query off the forward-noising path
+        (SecMI's DDIM inversion, PIA's ε_θ(x0, 0), SimA's ε_θ(x0, t))."""
+        return self._denoise(x_t, t.to(x_t.device), batch or {})
+
     def squared_error(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                       timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """Per-element squared error map ``[B, C, H, W]`` of one denoising step."""

@@ -199,8 +199,12 @@ def _refuse_multiprocess() -> None:
                         "is not supported yet; run one process, e.g. with --device cuda")
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train a LoRA adapter as ``config`` says and write the run directory (see DESIGN.md)."""
+def train(config: TrainConfig, *, splits: Splits | None = None) -> TrainResult:
+    """Train a LoRA adapter as ``config`` says and write the run directory (see DESIGN.md).
+
+    ``splits`` replaces the seeded split of ``config.data`` — the audit's reference adapters train on
+    chosen halves of a population this way.
+    """
     from privlora.tasks.loading import load_task
 
     _refuse_multiprocess()
@@ -211,7 +215,7 @@ def train(config: TrainConfig) -> TrainResult:
         task = load_task(config.base, _lora_spec(config), seed=config.seed, trust_pickle=config.trust_pickle,
                          device=config.device)
         data = load_training_data(config, task)
-        splits = Splits.load(run) if config.resume else make_splits(
+        splits = Splits.load(run) if config.resume else splits or make_splits(
             data, members=config.data.members, aux=config.data.aux, eval=config.data.eval,
             seed=config.seed, source=config.data.source)
         members, aux = data.by_ids(splits.members), data.by_ids(splits.aux)

@@ -1,0 +1,51 @@
+"""One ``privlora audit`` invocation: check every run first, audit each, then report and tabulate.
+
+All runs are loaded and validated before any attack starts, so a bad run directory given last does
+not waste the minutes spent on the first ones; references are trained once and shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from privlora.audit.report import print_table, write_report
+from privlora.audit.runner import audit_run, load_run
+from privlora.errors import UserError
+
+
+def default_report_path(runs: list[Path]) -> Path:
+    if len(runs) == 1:
+        return runs[0] / "audit" / "report.html"
+    parents = {r.resolve().parent for r in runs}
+    return (parents.pop() if len(parents) == 1 else Path.cwd()) / "report.html"
+
+
+def audit_session(runs: list[Path], *, attacks: tuple[str, ...], references: int, reference_dir: Path | None,
+                  fprs: tuple[float, ...] | None, extraction: int, report: Path | None, seed: int, quiet: bool,
+                  echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    runs = [Path(r) for r in runs]
+    if len({r.resolve() for r in runs}) != len(runs):
+        raise UserError("the same run directory is given twice")
+    if extraction < 0:
+        raise UserError(f"--extraction must be ≥ 0, got {extraction}")
+    loaded = [load_run(r) for r in runs]
+    reference_dir = reference_dir or (runs[0] / "references")
+    all_results = []
+    for run, lr in zip(runs, loaded, strict=True):
+        if not quiet:
+            echo(f"auditing {run} ({len(lr.members)} members vs {len(lr.held_out)} evaluation non-members)")
+        results = audit_run(run, attacks=attacks, references=references, reference_dir=reference_dir,
+                            fprs=fprs, seed=seed, quiet=quiet, loaded=lr)
+        if extraction:
+            from privlora.audit.extraction_run import run_extraction
+
+            results["extraction"] = run_extraction(lr, n=extraction, seed=seed, quiet=quiet)
+        all_results.append(results)
+    path = write_report(all_results, report or default_report_path(runs))
+    print_table(all_results)
+    echo(f"report: {path}")
+    for r in all_results:
+        echo(f"scores: {Path(r['run']) / 'audit' / 'scores.csv'}")
+    return all_results
