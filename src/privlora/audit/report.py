@@ -173,9 +173,13 @@ def _extras_html(run: Path) -> str:
     extraction = audit / "extraction.json"
     if extraction.exists():
         e = json.loads(extraction.read_text())
+        probe = e.get("latent_probe") or {}
         parts.append(f"<h4>Extraction</h4><p>{e.get('extracted', 'n/a')} of {e.get('generated', 'n/a')} "
-                     f"generations are near-copies of a training image (base model: "
-                     f"{e.get('base_extracted', 'n/a')}).</p>")
+                     f"generations are near-copies of a training image ({e.get('unique_extracted', 'n/a')} "
+                     f"distinct images; base model on the same latents: {e.get('base_extracted', 'n/a')}). "
+                     f"Latent probe AUC (members' closest generation nearer than non-members'): "
+                     f"{_fmt((probe.get('adapter') or {}).get('auc'))}, base "
+                     f"{_fmt((probe.get('base_control') or {}).get('auc'))}.</p>")
         gallery = _image(audit / "extraction_gallery.png")
         if gallery:
             parts.append(f"<p class='note'>closest generations (left) beside their nearest training image "
@@ -183,7 +187,10 @@ def _extras_html(run: Path) -> str:
     canary = audit / "canary.json"
     if canary.exists():
         c = json.loads(canary.read_text())
-        parts.append(f"<h4>Canary</h4><pre>{html.escape(json.dumps(c, indent=1)[:1500])}</pre>")
+        parts.append(f"<h4>Canary</h4><p>watermark detected in {c.get('detected', 'n/a')} of {c.get('n', 'n/a')} "
+                     f"generations (rate {_fmt(c.get('detection_rate'))}) at z &gt; {_fmt(c.get('threshold'), 2)}; "
+                     f"false positives on clean generations {_fmt(c.get('fpr_clean'))}, analytic "
+                     f"{_fmt(c.get('fpr_analytic'), 4)}.</p>")
     samples = _image(run / "samples.png")
     if samples:
         parts.append(f"<h4>Samples</h4><img alt='samples' src='{samples}'>")

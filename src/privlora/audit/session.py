@@ -6,13 +6,25 @@ not waste the minutes spent on the first ones; references are trained once and s
 
 from __future__ import annotations
 
+import base64
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from privlora.audit.report import print_table, write_report
 from privlora.audit.runner import audit_run, load_run
+from privlora.audit.spectrum import adapter_spectrum, spectrum_plot
 from privlora.errors import UserError
+from privlora.runs import write_json_atomic
+
+
+def spectrum_image(runs: list[Path]) -> str:
+    """The adapters' singular-value spectra in one figure, as a data URI for the report."""
+    spectra = {r.name: adapter_spectrum(r / "adapter") for r in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        png = spectrum_plot(spectra, Path(tmp) / "spectrum.png")
+        return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
 
 
 def default_report_path(runs: list[Path]) -> Path:
@@ -42,8 +54,10 @@ def audit_session(runs: list[Path], *, attacks: tuple[str, ...], references: int
             from privlora.audit.extraction_run import run_extraction
 
             results["extraction"] = run_extraction(lr, n=extraction, seed=seed, quiet=quiet)
+            write_json_atomic(run / "audit" / "results.json", results)
         all_results.append(results)
-    path = write_report(all_results, report or default_report_path(runs))
+    path = write_report(all_results, report or default_report_path(runs),
+                        extra_images={"LoRA spectrum (ΔW = B·A per layer)": spectrum_image(runs)})
     print_table(all_results)
     echo(f"report: {path}")
     for r in all_results:
