@@ -1,7 +1,8 @@
-"""Wall time of ``make demo`` (issue 3 target: under 10 minutes on the 2-core CPU machine).
+"""Wall time of ``make demo`` (issue 4 target: under 10 minutes on the 2-core CPU machine).
 
-Times the whole demo script (training both demo adapters, their utility figures and the sample
-grids) with the venv already installed, and separately records how long a fresh ``make install``
+Times the whole demo script (training the plain, SMP and DP demo adapters with their utility figures
+and sample grids, two reference adapters, and the audit of all three with every attack) with the venv
+already installed, and separately records how long a fresh ``make install``
 took if ``--install-log`` points at a timing file. Writes benchmarks/results/demo_time.json.
 
     python benchmarks/demo_time.py

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The headline demo on the embedded defaults: train the memorisation demo adapter (faces) with plain
-# LoRA and with SMP-LoRA, then sample images from each. Outputs under demo/.
+# The headline demo on the embedded defaults (issue 4): train plain, SMP-LoRA and DP-LoRA adapters on the
+# same 32 private faces, then audit all three against the same 36 evaluation non-members with every
+# attack (two reference adapters for LiRA/RMIA, shared) and write one comparison report + terminal table.
+# Outputs under demo/: demo/{plain,smp,dp}/ run directories, demo/references/, demo/report.html.
 set -euo pipefail
 PRIVLORA=.venv/bin/privlora
 rm -rf demo
 mkdir -p demo
-$PRIVLORA train --config configs/demo-plain.yaml --out demo/plain
-$PRIVLORA train --config configs/demo-smp.yaml --out demo/smp
-$PRIVLORA generate demo/plain --n 16 --seed 0 --out demo/plain/samples.png
-$PRIVLORA generate demo/smp --n 16 --seed 0 --out demo/smp/samples.png
-echo "demo done: run directories in demo/plain and demo/smp, samples in demo/*/samples.png"
+start=$(date +%s)
+for mode in plain smp dp; do
+  $PRIVLORA train --config "configs/demo-$mode.yaml" --out "demo/$mode"
+  $PRIVLORA generate "demo/$mode" --n 16 --seed 0 --steps 20 --out "demo/$mode/samples.png"
+done
+# plain first: the shared reference adapters are trained with the first run's recipe
+$PRIVLORA audit --run demo/plain --run demo/smp --run demo/dp --references 2 --reference-dir demo/references \
+  --report demo/report.html
+echo "demo done in $(( $(date +%s) - start ))s: open demo/report.html (per-image scores in demo/*/audit/scores.csv)"

@@ -122,7 +122,8 @@ def test_reference_adapters_are_trained_once_and_reused(tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((run / "references" / "references.json").read_text())
     splits = json.loads((run / "splits.json").read_text())
-    assert sorted(manifest["inside"][0] + manifest["inside"][1]) == sorted(splits["members"] + splits["eval_nonmembers"])
+    population = sorted(splits["members"] + splits["eval_nonmembers"])
+    assert sorted(manifest["inside"][0] + manifest["inside"][1]) == population
     for k in range(2):  # each reference is a normal run directory that trained on its half only
         ref_splits = json.loads((run / "references" / f"ref-{k}" / "splits.json").read_text())
         assert ref_splits["members"] == manifest["inside"][k]

@@ -101,3 +101,21 @@ window.addEventListener('load', () => {
                    capture_output=True, timeout=120, check=True)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10  # text, tables and plots, not an empty page
+
+
+def test_pareto_front_keeps_only_undominated_runs():
+    from privlora.audit.report import pareto_front
+
+    points = [(0.07, 0.9), (0.06, 0.95), (0.08, 0.6), (0.09, 0.7), (0.065, 0.92)]
+    assert pareto_front(points) == [(0.06, 0.95), (0.065, 0.92), (0.07, 0.9), (0.08, 0.6)]
+
+
+def test_sweep_audits_every_run_in_a_folder(session, tmp_path):
+    assert_one_line_error(run_cli("audit", "--sweep", str(tmp_path / "none")), "does not exist")
+    assert_one_line_error(run_cli("audit", "--sweep", str(tmp_path)), "no run directories")
+    assert_one_line_error(run_cli("audit"), "nothing to audit")
+    report = tmp_path / "sweep.html"
+    proc = run_cli("audit", "--sweep", str(session), "--attacks", "loss", "--report", str(report), "-q")
+    assert proc.returncode == 0, proc.stderr
+    doc = report.read_text()
+    assert "plain (plain)" in doc and "smp (smp)" in doc and "Privacy–utility frontier" in doc

@@ -134,8 +134,10 @@ def generate(
 @app.command()
 @_one_line_errors
 def audit(
-    run: list[Path] = typer.Option(..., "--run", help="Run directory written by `privlora train`; repeat to "
+    run: list[Path] = typer.Option(None, "--run", help="Run directory written by `privlora train`; repeat to "
                                    "compare several runs in one report (they share the reference adapters)."),
+    sweep: Path = typer.Option(None, "--sweep", help="Audit every run directory inside this folder (e.g. one "
+                               "per α, σ or step budget) and draw their privacy–utility frontier."),
     attacks: str = typer.Option("loss,secmi,pia,sima", help="Comma-separated model-only attacks "
                                 "(loss, secmi, pia, sima); lira and rmia join with --references."),
     references: int = typer.Option(0, "--references", help="Train K reference adapters on random halves of "
@@ -151,9 +153,14 @@ def audit(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Audit runs for membership leakage and memorisation; writes <run>/audit/ and a report."""
-    from privlora.audit.session import audit_session
+    from privlora.audit.session import audit_session, sweep_runs
 
     _offline_defaults()
+    runs = list(run or [])
+    if sweep is not None:
+        runs += sweep_runs(sweep)
+    if not runs:
+        raise UserError("nothing to audit: give --run RUN_DIR (repeatable) or --sweep FOLDER")
     names = tuple(a.strip() for a in attacks.split(",") if a.strip())
     fprs = None
     if fpr:
@@ -161,7 +168,7 @@ def audit(
             fprs = tuple(float(f) for f in fpr.split(","))
         except ValueError:
             raise UserError(f"--fpr expects numbers like 0.01,0.001, got {fpr!r}") from None
-    audit_session(run, attacks=names, references=references, reference_dir=reference_dir, fprs=fprs,
+    audit_session(runs, attacks=names, references=references, reference_dir=reference_dir, fprs=fprs,
                   extraction=extraction, report=report, seed=seed, quiet=quiet, echo=typer.echo)
 
 

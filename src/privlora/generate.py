@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from privlora.errors import UserError
+from privlora.runs import atomic_file
 from privlora.tasks.lora import PEFT_CONFIG, read_spec
 
 
@@ -69,9 +70,6 @@ def generate(source: Path | None, *, out: Path, n: int = 16, seed: int = 0, step
     cond = {"captions": [prompt] * n} if prompt else None
     samples = task.to_pixels(task.sample(n, generator=torch.Generator().manual_seed(seed), steps=steps,
                                          batch=cond))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    grid_image(samples.cpu()).save(tmp, format="PNG")
-    tmp.replace(out)
-    return GenerateResult(out=out, count=n)
+    with atomic_file(out) as tmp:
+        grid_image(samples.cpu()).save(tmp, format="PNG")
+    return GenerateResult(out=Path(out), count=n)

@@ -64,6 +64,7 @@ from privlora.data.imageset import ImageSet
 from privlora.errors import UserError
 from privlora.generate import grid_image
 from privlora.progress import progress_bar
+from privlora.runs import atomic_file
 from privlora.tasks.diffusion import DiffusionTask
 
 ALPHA = 0.5  # Carlini et al. §5.1
@@ -280,12 +281,9 @@ class ExtractionResult:
         image = grid_image(tiles, columns=2)
         if scale > 1:
             image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
-        return path
+        with atomic_file(path) as tmp:
+            image.save(tmp, format="PNG")
+        return Path(path)
 
 
 class _Gallery:

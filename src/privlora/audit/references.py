@@ -80,6 +80,7 @@ def ensure_references(config: Any, population: list[str], *, k: int, directory: 
     identity = _identity(config, population)
     manifest = directory / MANIFEST
     inside = _halves(population, k, seed)
+    recipe = {"mode": "plain", "optim": config.optim.model_dump(mode="json"), "seed": seed}
     if manifest.exists():
         saved = json.loads(manifest.read_text())
         if saved["identity"] != identity:
@@ -87,13 +88,17 @@ def ensure_references(config: Any, population: list[str], *, k: int, directory: 
                             "adapter shape; pass another --reference-dir or remove that one")
         if len(saved["inside"]) >= k and saved["seed"] == seed:
             inside = saved["inside"][:k]
-    recipe = {"mode": "plain", "optim": config.optim.model_dump(mode="json"), "seed": seed}
+        # references are trained once, with the recipe of the first run audited against them (audit the
+        # plain run first); later runs reuse them as they are and report that recipe
+        recipe = saved.get("recipe", recipe)
+    optim = type(config.optim).model_validate(recipe["optim"])
     for i, members in enumerate(inside):
         out = directory / f"ref-{i}"
         if (out / "adapter").is_dir():
             continue
         ref_config = config.model_copy(update={
-            "mode": "plain", "out": out, "name": f"reference-{i}", "seed": seed * 1000 + i, "quiet": quiet,
+            "mode": "plain", "optim": optim, "out": out, "name": f"reference-{i}", "seed": seed * 1000 + i,
+            "quiet": quiet,
             "resume": out.with_name(out.name + ".partial").exists(),
             "eval": config.eval.model_copy(update={"samples": 0, "timesteps": (200,)})})
         if not quiet:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from privlora.audit.metrics import sweep
+from privlora.runs import atomic_file
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -119,6 +120,20 @@ def roc_figure(results: dict[str, Any]) -> str:
     return _png(fig)
 
 
+def _strongest(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    name = max(results["attacks"], key=lambda a: results["attacks"][a]["adapter"]["auc"])
+    return name, results["attacks"][name]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points (loss, AUC) that no other point beats in both (lower loss and lower AUC), by loss."""
+    front: list[tuple[float, float]] = []
+    for loss, auc_value in sorted(points):
+        if not front or auc_value < front[-1][1]:
+            front.append((loss, auc_value))
+    return front
+
+
 def frontier_figure(all_results: list[dict[str, Any]]) -> str | None:
     """Privacy–utility frontier: strongest attack's AUC (and base control) against held-out loss."""
     points = [(r, (r.get("utility") or {}).get("loss_heldout")) for r in all_results]
@@ -131,6 +146,8 @@ def frontier_figure(all_results: list[dict[str, Any]]) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    front = pareto_front([(u, _strongest(r)[1]["adapter"]["auc"]) for r, u in points])
+    ax.plot(*zip(*front, strict=True), color="tab:green", lw=1, ls="--", label="frontier (no run better in both)")
     for r, u in points:
         best = max(r["attacks"], key=lambda a: r["attacks"][a]["adapter"]["auc"])
         a = r["attacks"][best]["adapter"]
@@ -141,6 +158,7 @@ def frontier_figure(all_results: list[dict[str, Any]]) -> str | None:
         b = r["attacks"][best]["base_control"]
         ax.axhspan(b["auc_ci_low"], b["auc_ci_high"], color="grey", alpha=0.08)
     ax.axhline(0.5, color="grey", lw=0.8)
+    ax.legend(fontsize=7, loc="upper right")
     ax.set_xlabel("held-out denoising loss (lower = better utility)")
     ax.set_ylabel("strongest attack's AUC (lower = more private)")
     ax.set_title("privacy–utility frontier (grey: base-model control intervals)", fontsize=9)
@@ -197,11 +215,20 @@ def _extras_html(run: Path) -> str:
     return "".join(parts)
 
 
+def _config_html(run: Path) -> str:
+    """The exact config that produced the run (and its ε), folded away under the card."""
+    config = run / "config.yaml"
+    if not config.exists():
+        return ""
+    return (f"<details><summary>config.yaml (what ran)</summary><pre>{html.escape(config.read_text())}</pre>"
+            "</details>")
+
+
 def write_report(all_results: list[dict[str, Any]], path: Path, *, extra_images: dict[str, str] | None = None
                  ) -> Path:
     """Write the self-contained HTML report (atomically) and return its path."""
     header, rows = table_rows(all_results)
-    sections = [f"<h1>privlora audit report</h1><p class='note'>Members vs evaluation non-members of each run. "
+    sections = ["<h1>privlora audit report</h1><p class='note'>Members vs evaluation non-members of each run. "
                 "Every attack is also run on the base model alone (adapter disabled) on the same images: "
                 "that control shows how far the numbers move by chance or by image difficulty. "
                 "Scores per image are in each run's <code>audit/scores.csv</code>.</p>",
@@ -220,13 +247,11 @@ def write_report(all_results: list[dict[str, Any]], path: Path, *, extra_images:
         sections.append(f"<div class='card'><h3>{html.escape(run_label(r))}</h3>"
                         f"<p class='note'>ε = {html.escape(_epsilon(r))}, δ = {_fmt(r.get('delta'))}; "
                         f"{r['members']} members vs {r['nonmembers']} non-members; {refs_line}</p>"
-                        f"<img alt='ROC {html.escape(run.name)}' src='{roc_figure(r)}'>{_extras_html(run)}</div>")
+                        f"<img alt='ROC {html.escape(run.name)}' src='{roc_figure(r)}'>{_extras_html(run)}"
+                        f"{_config_html(run)}</div>")
     sections.append("</div>")
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>privlora audit</title>"
            f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(doc)
-    tmp.replace(path)
-    return path
+    with atomic_file(path) as tmp:
+        tmp.write_text(doc)
+    return Path(path)

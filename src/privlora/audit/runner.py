@@ -25,7 +25,7 @@ from privlora.audit.attacks import ATTACKS
 from privlora.audit.metrics import summarize
 from privlora.data.imageset import ImageSet
 from privlora.errors import UserError
-from privlora.runs import write_json_atomic
+from privlora.runs import atomic_file, write_json_atomic
 
 REFERENCE_ATTACKS = {"lira": "Carlini et al. 2022 (LiRA, online)", "rmia": "Zarifzadeh et al. 2024 (RMIA)"}
 DEFAULT_FPRS = (0.01, 0.001)
@@ -198,14 +198,10 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] = tuple(ATTACKS), reference
     results["seconds"] = seconds
     # File by file (each via a temporary name and a rename), not the whole folder: canary.json and
     # extraction results written by other commands live in audit/ too and must survive a re-audit.
-    audit_dir = run / "audit"
-    audit_dir.mkdir(parents=True, exist_ok=True)
-    tmp = audit_dir / ".scores.csv.tmp"
-    with tmp.open("w", newline="") as f:
+    with atomic_file(run / "audit" / "scores.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "member", *columns])
         for i, sample_id in enumerate([*members.ids, *held_out.ids]):
             writer.writerow([sample_id, int(labels[i]), *(repr(float(c[i])) for c in columns.values())])
-    tmp.replace(audit_dir / "scores.csv")
-    write_json_atomic(audit_dir / "results.json", results)
+    write_json_atomic(run / "audit" / "results.json", results)
     return results

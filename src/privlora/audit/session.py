@@ -27,6 +27,17 @@ def spectrum_image(runs: list[Path]) -> str:
         return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
 
 
+def sweep_runs(folder: Path) -> list[Path]:
+    """Run directories directly inside ``folder`` (a config.yaml and an adapter), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--sweep folder {folder} does not exist")
+    runs = sorted(d for d in folder.iterdir() if (d / "config.yaml").is_file() and (d / "adapter").is_dir())
+    if not runs:
+        raise UserError(f"--sweep folder {folder} holds no run directories (sub-folders with config.yaml and adapter/)")
+    return runs
+
+
 def default_report_path(runs: list[Path]) -> Path:
     if len(runs) == 1:
         return runs[0] / "audit" / "report.html"

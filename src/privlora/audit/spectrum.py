@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from privlora.errors import UserError
+from privlora.runs import atomic_file
 
 SUSPICIOUS_SHARE = 0.9
 _KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
@@ -216,9 +217,6 @@ def spectrum_plot(spectra: dict[str, dict[str, Any]], path: Path) -> Path:
     curve_ax.legend(fontsize=7)
     rank_ax.set_ylim(bottom=0)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from privlora.errors import UserError
+from privlora.runs import atomic_file
 from privlora.tasks.diffusion import DiffusionTask
 from privlora.tasks.lora import DIFFUSERS_WEIGHTS, LoraSpec
 
@@ -138,9 +139,8 @@ class StableDiffusionTask(DiffusionTask):
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         packed = {f"{self.diffusers_prefix}.{k}": v for k, v in config.items()}
         meta[LORA_ADAPTER_METADATA_KEY] = json.dumps(packed, sort_keys=True, default=str)
-        tmp = file.with_name(f".{file.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(file)
+        with atomic_file(file) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @torch.no_grad()
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
