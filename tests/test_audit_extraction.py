@@ -228,3 +228,29 @@ def test_bad_input(loaded, planted):
     empty = extract(task, members, n=1, seed=0, sample_steps=1, gallery=0)
     with pytest.raises(UserError, match="gallery is empty"):
         empty.gallery_png(Path("unused.png"))
+
+
+def test_extraction_streams_generations(loaded, planted, monkeypatch):
+    """Memory must not grow with n: once the next batch is drawn, no earlier batch of pixels is alive."""
+    import gc
+    import weakref
+
+    from privlora.audit import extraction
+
+    task, _, _ = loaded
+    alive: list[weakref.ref] = []
+    most_alive = 0
+    real = extraction.generations
+
+    def tracked(*args, **kwargs):
+        nonlocal most_alive
+        for start, pixels in real(*args, **kwargs):
+            gc.collect()
+            most_alive = max(most_alive, sum(r() is not None for r in alive))
+            alive.append(weakref.ref(pixels))
+            yield start, pixels
+
+    monkeypatch.setattr(extraction, "generations", tracked)
+    extract(task, planted, n=6 * BATCH, seed=SEED, batch=BATCH, sample_steps=2, gallery=2)
+    assert len(alive) == 6
+    assert most_alive <= 1  # at most the batch just handed over (the gallery keeps clones, not batches)
