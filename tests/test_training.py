@@ -427,3 +427,18 @@ def test_frechet_distance_approaches_the_gaussian_closed_form():
     b = rng.normal(mu_b, sd_b, size=(40000, 3))
     closed = float(((mu_a - mu_b) ** 2).sum() + ((sd_a - sd_b) ** 2).sum())
     assert frechet_distance(a, b) == pytest.approx(closed, rel=0.03)
+
+
+def test_no_evaluation_split_gives_valid_json_and_says_n_a(tmp_path):
+    """Training on every image (data.eval=0, e.g. a canary experiment): no NaN in utility.json, 'n/a' shown."""
+    from conftest import FAST, run_cli
+
+    out = tmp_path / "run"
+    proc = run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--max-steps", "2", "--batch-size", "4",
+                   "--set", "data.members=0.5", "--set", "data.aux=0.0", "--set", "data.eval=0.0",
+                   "--out", str(out), *FAST[:-1])
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out denoising loss n/a (base n/a)" in proc.stdout
+    text = (out / "utility.json").read_text()
+    utility = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in utility.json"))
+    assert utility["loss_heldout"] is None and math.isfinite(utility["loss_members"])

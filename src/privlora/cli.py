@@ -103,8 +103,11 @@ def train(
     u = result.utility
     typer.echo(f"{result.mode}: {result.steps} steps in {result.seconds:.0f}s → {result.run_dir}")
     typer.echo(f"  privacy: {privacy}")
-    typer.echo(f"  held-out denoising loss {u['loss_heldout']:.4f} (base {u['base_loss_heldout']:.4f}), "
-               f"members {u['loss_members']:.4f} (base {u['base_loss_members']:.4f})")
+    def loss(key: str) -> str:
+        return "n/a" if u.get(key) is None else f"{u[key]:.4f}"
+
+    typer.echo(f"  held-out denoising loss {loss('loss_heldout')} (base {loss('base_loss_heldout')}), "
+               f"members {loss('loss_members')} (base {loss('base_loss_members')})")
     if "fd_heldout" in u:
         typer.echo(f"  Fréchet distance to held-out images {u['fd_heldout']:.3f} (base {u['base_fd_heldout']:.3f})")
 

@@ -22,6 +22,8 @@ from privlora.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 METADATA = "metadata.jsonl"
+#: files privlora itself writes into a data folder, never images, never worth a warning
+SIDECARS = {METADATA, "canary.json"}
 
 
 @dataclass
@@ -130,7 +132,7 @@ def load_folder(folder: Path, *, channels: int, resolution: int, center_crop: bo
         ids.append(rel)
         captions.append(caption if caption is not None else "")
     others = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
-              and p.suffix.lower() != ".txt" and p.name != METADATA and not p.name.startswith(".")]
+              and p.suffix.lower() != ".txt" and p.name not in SIDECARS and not p.name.startswith(".")]
     for p in others:
         report.skipped[p.relative_to(folder).as_posix()] = "not an image file"
     if not tensors:  # one error line that says why, instead of a warning per file before it

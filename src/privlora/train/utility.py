@@ -32,10 +32,14 @@ def _batches(data: ImageSet, size: int = EVAL_BATCH) -> Iterator[dict[str, Any]]
 
 
 @torch.no_grad()
-def denoising_loss(task: DiffusionTask, data: ImageSet, *, timesteps: tuple[int, ...], seed: int) -> float:
-    """Mean ε-prediction MSE over ``data`` × ``timesteps`` with noise fixed by ``seed``."""
+def denoising_loss(task: DiffusionTask, data: ImageSet, *, timesteps: tuple[int, ...], seed: int
+                   ) -> float | None:
+    """Mean ε-prediction MSE over ``data`` × ``timesteps`` with noise fixed by ``seed``.
+
+    None for an empty set (no evaluation split): utility.json must stay valid JSON, which has no NaN.
+    """
     if len(data) == 0:
-        return float("nan")
+        return None
     total, count = 0.0, 0
     for k, t in enumerate(timesteps):
         gen = torch.Generator().manual_seed(seed * 1000 + k)
