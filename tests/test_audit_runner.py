@@ -60,3 +60,39 @@ def test_audit_bad_input(tmp_path, audited):
     (bad / "splits.json").write_text(json.dumps(splits))
     assert_one_line_error(run_cli("audit", "--run", str(bad)), "both member and evaluation")
     assert not (bad / "audit").exists()
+
+
+def _copy_run(src: Path, dst: Path, *, adapter: bool = True) -> Path:
+    dst.mkdir()
+    for name in ("config.yaml", "splits.json", "privacy.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    if adapter:
+        (dst / "adapter").mkdir()
+        for f in (src / "adapter").iterdir():
+            (dst / "adapter" / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_audit_refuses_runs_it_cannot_audit_faithfully(tmp_path, audited):
+    no_adapter = _copy_run(audited, tmp_path / "no-adapter", adapter=False)
+    assert_one_line_error(run_cli("audit", "--run", str(no_adapter)), "no adapter")
+
+    foreign = _copy_run(audited, tmp_path / "foreign")
+    cfg = json.loads((foreign / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "runwayml/stable-diffusion-v1-5"
+    (foreign / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_cli("audit", "--run", str(foreign)), "trained on base")
+
+    resized = _copy_run(audited, tmp_path / "resized")
+    config = (resized / "config.yaml").read_text()
+    assert "resolution: null" in config
+    (resized / "config.yaml").write_text(config.replace("resolution: null", "resolution: 16"))
+    assert_one_line_error(run_cli("audit", "--run", str(resized)), "base model takes")
+
+    changed = _copy_run(audited, tmp_path / "changed")
+    splits = json.loads((changed / "splits.json").read_text())
+    splits["members"][0] = "faces/not-there"
+    (changed / "splits.json").write_text(json.dumps(splits))
+    assert_one_line_error(run_cli("audit", "--run", str(changed)), "not in")
+    for run in (no_adapter, foreign, resized, changed):
+        assert not (run / "audit").exists()
