@@ -14,7 +14,8 @@ import typer
 
 from privlora.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown", no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Fine-tune with LoRA without leaking the training data, and measure what still leaks.")
 base_app = typer.Typer(no_args_is_help=True, help="The embedded base model: how it was made.")
 app.add_typer(base_app, name="base")
@@ -146,16 +147,25 @@ def audit(
     references: int = typer.Option(0, "--references", help="Train K reference adapters on random halves of "
                                    "members ∪ evaluation non-members for LiRA and RMIA (K even; 0: none)."),
     reference_dir: Path = typer.Option(None, "--reference-dir", help="Where reference adapters live and are "
-                                       "reused (default: <first run>/references)."),
+                                       "reused (default: FIRST_RUN/references)."),
     fpr: str = typer.Option(None, help="FPRs for TPR@FPR, e.g. 0.01,0.001 (default: those the data allows)."),
     extraction: int = typer.Option(0, "--extraction", help="Also generate N images and look for training-image "
                                    "copies (Carlini et al. 2023); 0: skip."),
-    report: Path = typer.Option(None, help="HTML report (default: <run>/audit/report.html, or report.html "
+    report: Path = typer.Option(None, help="HTML report (default: RUN_DIR/audit/report.html, or report.html "
                                 "beside the runs when several are given)."),
     seed: int = typer.Option(0, help="Seed for the attacks' noise and the reference halves."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Audit runs for membership leakage and memorisation; writes <run>/audit/ and a report."""
+    """Audit runs for membership leakage and memorisation; writes RUN_DIR/audit/ and a report.
+
+    Each attack scores the run's training images against its evaluation non-members twice: with the
+    adapter and with the base model alone (the control: what chance and image difficulty give). Writes
+    RUN_DIR/audit/scores.csv (one row per image) and results.json (AUC with bootstrap interval, balanced
+    accuracy, TPR at low FPR, empirical ε lower bound), prints a table and writes one HTML report.
+    Reference adapters (--references) are trained once, with the first run's recipe, and reused.
+
+    Example: privlora audit --run runs/plain --run runs/dp --references 2
+    """
     from privlora.audit.session import audit_session, sweep_runs
 
     _offline_defaults()
@@ -249,7 +259,7 @@ def canary_detect(
     prompt: str = typer.Option(None, help="Text-to-image bases: prompt (default: the marked images' captions)."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
 ) -> None:
-    """Look for the canary in a run's generations; writes <run>/audit/canary.json."""
+    """Look for the canary in a run's generations; writes RUN_DIR/audit/canary.json."""
     from privlora.audit.canary import detect_run
 
     _offline_defaults()
