@@ -12,7 +12,7 @@ for mode in plain smp dp; do
   $PRIVLORA train --config "configs/demo-$mode.yaml" --out "demo/$mode"
   $PRIVLORA generate "demo/$mode" --n 16 --seed 0 --steps 20 --out "demo/$mode/samples.png"
 done
-# plain first: the shared reference adapters are trained with the first run's recipe
+# the shared reference adapters are trained with the plain run's recipe, then reused for SMP and DP
 $PRIVLORA audit --run demo/plain --run demo/smp --run demo/dp --references 2 --reference-dir demo/references \
   --report demo/report.html
 echo "demo done in $(( $(date +%s) - start ))s: open demo/report.html (per-image scores in demo/*/audit/scores.csv)"

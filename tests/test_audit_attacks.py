@@ -141,3 +141,19 @@ def test_reference_adapters_are_trained_once_and_reused(tmp_path):
     assert_one_line_error(run_cli("audit", "--run", str(run), "--references", "3"), "even")
     assert_one_line_error(run_cli("audit", "--run", str(run), "--attacks", "lira"), "--references")
     assert_one_line_error(run_cli("audit", "--run", str(run), "--fpr", "0.001"), "non-members")
+
+
+def test_shared_references_take_the_plain_runs_recipe(tmp_path):
+    """A sweep lists runs by name: an SMP run first must not decide how the shared references train."""
+    runs = tmp_path / "sweep"
+    assert run_cli("train", "--config", str(CONFIGS / "demo-smp.yaml"), "--max-steps", "2", "--batch-size", "4",
+                   "--out", str(runs / "a-smp"), *FAST).returncode == 0
+    assert run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--max-steps", "3", "--batch-size", "4",
+                   "--lr", "0.0007", "--out", str(runs / "b-plain"), *FAST).returncode == 0
+    proc = run_cli("audit", "--sweep", str(runs), "--references", "2", "--attacks", "loss", "-q",
+                   "--reference-dir", str(tmp_path / "refs"))
+    assert proc.returncode == 0, proc.stderr
+    recipe = json.loads((tmp_path / "refs" / "references.json").read_text())["recipe"]
+    assert recipe["optim"]["max_steps"] == 3 and recipe["optim"]["lr"] == 0.0007
+    metrics = (tmp_path / "refs" / "ref-0" / "metrics.jsonl").read_text().strip().splitlines()
+    assert json.loads(metrics[-1])["step"] == 3  # trained with the plain run's step budget

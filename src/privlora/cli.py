@@ -162,7 +162,7 @@ def audit(
     adapter and with the base model alone (the control: what chance and image difficulty give). Writes
     RUN_DIR/audit/scores.csv (one row per image) and results.json (AUC with bootstrap interval, balanced
     accuracy, TPR at low FPR, empirical ε lower bound), prints a table and writes one HTML report.
-    Reference adapters (--references) are trained once, with the first run's recipe, and reused.
+    Reference adapters (--references) are trained once, with a plain run's recipe when one is audited, and reused.
 
     Example: privlora audit --run runs/plain --run runs/dp --references 2
     """

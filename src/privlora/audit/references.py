@@ -88,8 +88,8 @@ def ensure_references(config: Any, population: list[str], *, k: int, directory: 
                             "adapter shape; pass another --reference-dir or remove that one")
         if len(saved["inside"]) >= k and saved["seed"] == seed:
             inside = saved["inside"][:k]
-        # references are trained once, with the recipe of the first run audited against them (audit the
-        # plain run first); later runs reuse them as they are and report that recipe
+        # references are trained once, with the recipe they were first made with (the session picks a
+        # plain run's); later runs reuse them as they are and report that recipe
         recipe = saved.get("recipe", recipe)
     optim = type(config.optim).model_validate(recipe["optim"])
     for i, members in enumerate(inside):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from privlora.audit.references import ensure_references
 from privlora.audit.report import print_table, write_report
 from privlora.audit.runner import audit_run, load_run
 from privlora.audit.spectrum import adapter_spectrum, spectrum_plot
@@ -55,6 +56,12 @@ def audit_session(runs: list[Path], *, attacks: tuple[str, ...], references: int
         raise UserError(f"--extraction must be ≥ 0, got {extraction}")
     loaded = [load_run(r) for r in runs]
     reference_dir = reference_dir or (runs[0] / "references")
+    if references:
+        # references model "a plain adapter trained on this image": take the recipe of a plain run when
+        # there is one (a sweep sorts by name, so the first run may be DP or SMP), else of the first run
+        recipe = next((lr for lr in loaded if lr.config.mode == "plain"), loaded[0])
+        ensure_references(recipe.config, [*recipe.members.ids, *recipe.held_out.ids], k=references,
+                          directory=reference_dir, seed=seed, quiet=quiet)
     all_results = []
     for run, lr in zip(runs, loaded, strict=True):
         if not quiet:
