@@ -37,7 +37,7 @@ def main() -> None:
 
     import torch
 
-    from privlora.audit.attacks import ATTACKS, BATCH, batches
+    from privlora.audit.attacks import ATTACKS, BATCH
     from privlora.config import load_config
     from privlora.data.demo import faces
     from privlora.tasks.loading import load_task
@@ -53,7 +53,7 @@ def main() -> None:
     def raw(seed: int) -> None:
         """One batched denoiser query per image on fixed noised inputs — the floor an attack cannot beat."""
         gen = torch.Generator().manual_seed(seed)
-        for batch in batches(data, BATCH):
+        for batch in data.batches(BATCH):
             x0 = task.encode(batch)
             t = torch.full((x0.shape[0],), 100, dtype=torch.long)
             noise = torch.randn(x0.shape, generator=gen)

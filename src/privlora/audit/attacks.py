@@ -12,9 +12,8 @@ Defaults follow the papers for DDPMs with T = 1000 steps; deviations are noted p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,13 +22,6 @@ from privlora.data.imageset import ImageSet
 from privlora.tasks.diffusion import DiffusionTask
 
 BATCH = 64
-
-
-def batches(data: ImageSet, size: int = BATCH) -> Iterator[dict[str, Any]]:
-    """Fixed, ordered batches of ``data`` in the dict form Tasks consume."""
-    for start in range(0, len(data), size):
-        sub = data.subset(list(range(start, min(start + size, len(data)))))
-        yield {"pixels": sub.pixels, "captions": sub.captions}
 
 
 def _steps(task: DiffusionTask, t: int, n: int, device: torch.device) -> torch.Tensor:
@@ -54,7 +46,7 @@ def loss_attack(task: DiffusionTask, data: ImageSet, *, seed: int, timestep: int
     """
     gen = torch.Generator().manual_seed(seed)
     scores = []
-    for batch in batches(data):
+    for batch in data.batches(BATCH):
         t = torch.full((len(batch["captions"]),), timestep, dtype=torch.long)
         errors = task.squared_error(batch, gen, timesteps=t)
         scores.append(-errors.flatten(1).mean(1).double().cpu().numpy())
@@ -73,7 +65,7 @@ def secmi_attack(task: DiffusionTask, data: ImageSet, *, seed: int, t_sec: int =
     """
     del seed
     scores = []
-    for batch in batches(data):
+    for batch in data.batches(BATCH):
         x = task.encode(batch)
         n = x.shape[0]
         for t in range(0, t_sec, interval):  # DDIM inversion x0 → x̃_{t_sec}
@@ -100,7 +92,7 @@ def pia_attack(task: DiffusionTask, data: ImageSet, *, seed: int, timestep: int 
     del seed
     scores = []
     a = _alpha_bar(task, timestep)
-    for batch in batches(data):
+    for batch in data.batches(BATCH):
         x0 = task.encode(batch)
         n = x0.shape[0]
         eps0 = task.denoise(x0, _steps(task, 0, n, x0.device), batch)
@@ -122,7 +114,7 @@ def sima_attack(task: DiffusionTask, data: ImageSet, *, seed: int, timestep: int
     """
     del seed
     scores = []
-    for batch in batches(data):
+    for batch in data.batches(BATCH):
         x0 = task.encode(batch)
         eps = task.denoise(x0, _steps(task, timestep, x0.shape[0], x0.device), batch)
         scores.append(-torch.linalg.vector_norm(eps.float().flatten(1), ord=p, dim=1).double().cpu().numpy())

@@ -13,6 +13,7 @@ from typing import Any
 from privlora.audit.extraction import LatentProbe, extract
 from privlora.runs import write_json_atomic
 
+BATCH = 64  # generations per sampling pass: memory, not statistics (results do not depend on it)
 GALLERY = "extraction_gallery.png"
 RESULT = "extraction.json"
 
@@ -22,18 +23,18 @@ def _short(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in keep}
 
 
-def run_extraction(loaded: Any, *, n: int, seed: int, quiet: bool, sample_steps: int | None = None
-                   ) -> dict[str, Any]:
+def run_extraction(loaded: Any, *, n: int, seed: int, quiet: bool) -> dict[str, Any]:
     """Extraction (adapter vs base) and latent probe (members vs held-out, adapter vs base) for one run."""
     task, audit_dir = loaded.task, loaded.path / "audit"
-    steps = sample_steps or int(getattr(loaded.config.eval, "sample_steps", 50))
-    params = {"n": n, "seed": seed, "batch": 64, "sample_steps": steps}
+    steps = loaded.config.eval.sample_steps  # the run's own sampler setting
+    params = {"n": n, "seed": seed, "batch": BATCH, "sample_steps": steps}
     probe = LatentProbe(loaded.members, loaded.held_out, task.device)
-    adapter = extract(task, loaded.members, n=n, seed=seed, sample_steps=steps, quiet=quiet, on_batch=probe.update)
+    adapter = extract(task, loaded.members, n=n, seed=seed, batch=BATCH, sample_steps=steps, quiet=quiet,
+                      on_batch=probe.update)
     with task.adapter_disabled():  # the same latents through the base alone
         base_probe = LatentProbe(loaded.members, loaded.held_out, task.device)
-        base = extract(task, loaded.members, n=n, seed=seed, sample_steps=steps, gallery=0, quiet=quiet,
-                       on_batch=base_probe.update)
+        base = extract(task, loaded.members, n=n, seed=seed, batch=BATCH, sample_steps=steps, gallery=0,
+                       quiet=quiet, on_batch=base_probe.update)
     probe, base_probe = probe.result(params), base_probe.result(params)
     full = adapter.to_json()
     result = {**full, "base_extracted": int(base.extracted.sum()), "base_control": _short(base.to_json()),

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privlora.audit.attacks import batches
+from privlora.audit.attacks import BATCH
 from privlora.data.imageset import ImageSet
 from privlora.data.splits import Splits
 from privlora.errors import UserError
@@ -118,7 +118,7 @@ def loss_signal(task: DiffusionTask, data: ImageSet, *, seed: int) -> np.ndarray
     """
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for batch in batches(data):
+    for batch in data.batches(BATCH):
         n = len(batch["captions"])
         errors = torch.zeros(n, dtype=torch.float64)
         for t in SIGNAL_TIMESTEPS:

@@ -84,7 +84,8 @@ def load_run(run: Path) -> LoadedRun:
     task.load_adapter(run / "adapter")
     task.model.eval()
     data = load_training_data(config, task)
-    missing = [i for i in [*splits.members, *splits.eval, *splits.aux] if i not in set(data.ids)]
+    known = set(data.ids)
+    missing = [i for i in [*splits.members, *splits.eval, *splits.aux] if i not in known]
     if missing:
         raise UserError(f"{len(missing)} images of splits.json are not in {config.data.source} "
                         f"(e.g. {missing[0]}); was the data changed after training?")
@@ -162,7 +163,7 @@ def score_run(loaded: LoadedRun, attacks: tuple[str, ...], *, seed: int,
 
 def audit_run(run: Path, *, attacks: tuple[str, ...] = tuple(ATTACKS), references: int = 0,
               reference_dir: Path | None = None, fprs: tuple[float, ...] | None = None, seed: int = 0,
-              quiet: bool = True, loaded: LoadedRun | None = None) -> dict[str, Any]:
+              quiet: bool = True, loaded: LoadedRun | None = None, extraction: int = 0) -> dict[str, Any]:
     """Score, summarise and write ``<run>/audit/``; returns the contents of results.json."""
     run = Path(run)
     attacks = _check_attacks(tuple(attacks), references)
@@ -184,7 +185,7 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] = tuple(ATTACKS), reference
         "run": str(run), "mode": loaded.config.mode, "members": len(members), "nonmembers": len(held_out),
         "seed": seed, "epsilon": loaded.privacy.get("epsilon"), "delta": loaded.delta or None,
         "utility": {k: loaded.utility.get(k) for k in ("loss_members", "loss_heldout", "base_loss_heldout",
-                                                        "frechet_distance", "base_frechet_distance")},
+                                                        "fd_heldout", "base_fd_heldout")},
         "references": None if refs is None else {"k": references, "directory": str(refs.directory),
                                                  "recipe": refs.recipe},
         "attacks": {}}
@@ -196,6 +197,10 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] = tuple(ATTACKS), reference
             "adapter": summarize(columns[name], labels, delta=loaded.delta, fprs=fprs, seed=seed),
             "base_control": summarize(columns[f"{name}_base"], labels, delta=loaded.delta, fprs=fprs, seed=seed)}
     results["seconds"] = seconds
+    if extraction:
+        from privlora.audit.extraction_run import run_extraction
+
+        results["extraction"] = run_extraction(loaded, n=extraction, seed=seed, quiet=quiet)
     # File by file (each via a temporary name and a rename), not the whole folder: canary.json and
     # extraction results written by other commands live in audit/ too and must survive a re-audit.
     with atomic_file(run / "audit" / "scores.csv") as tmp, tmp.open("w", newline="") as f:

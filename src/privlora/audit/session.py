@@ -17,7 +17,6 @@ from privlora.audit.report import print_table, write_report
 from privlora.audit.runner import audit_run, load_run
 from privlora.audit.spectrum import adapter_spectrum, spectrum_plot
 from privlora.errors import UserError
-from privlora.runs import write_json_atomic
 
 
 def spectrum_image(runs: list[Path]) -> str:
@@ -67,12 +66,7 @@ def audit_session(runs: list[Path], *, attacks: tuple[str, ...], references: int
         if not quiet:
             echo(f"auditing {run} ({len(lr.members)} members vs {len(lr.held_out)} evaluation non-members)")
         results = audit_run(run, attacks=attacks, references=references, reference_dir=reference_dir,
-                            fprs=fprs, seed=seed, quiet=quiet, loaded=lr)
-        if extraction:
-            from privlora.audit.extraction_run import run_extraction
-
-            results["extraction"] = run_extraction(lr, n=extraction, seed=seed, quiet=quiet)
-            write_json_atomic(run / "audit" / "results.json", results)
+                            fprs=fprs, seed=seed, quiet=quiet, loaded=lr, extraction=extraction)
         all_results.append(results)
     path = write_report(all_results, report or default_report_path(runs),
                         extra_images={"LoRA spectrum (ΔW = B·A per layer)": spectrum_image(runs)})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +37,12 @@ class ImageSet:
             pixels=self.pixels.index_select(0, index) if indices else self.pixels[:0],
             captions=[self.captions[i] for i in indices],
         )
+
+    def batches(self, size: int) -> Iterator[dict[str, Any]]:
+        """Fixed, ordered batches in the dict form Tasks consume (``pixels``, ``captions``)."""
+        for start in range(0, len(self), size):
+            sub = self.subset(list(range(start, min(start + size, len(self)))))
+            yield {"pixels": sub.pixels, "captions": sub.captions}
 
     def by_ids(self, wanted: list[str]) -> ImageSet:
         """Subset by id, in the order given."""

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,12 +22,6 @@ from privlora.data.imageset import ImageSet
 from privlora.tasks.diffusion import DiffusionTask
 
 EVAL_BATCH = 64
-
-
-def _batches(data: ImageSet, size: int = EVAL_BATCH) -> Iterator[dict[str, Any]]:
-    for start in range(0, len(data), size):
-        sub = data.subset(list(range(start, min(start + size, len(data)))))
-        yield {"pixels": sub.pixels, "captions": sub.captions}
 
 
 @torch.no_grad()
@@ -43,7 +36,7 @@ def denoising_loss(task: DiffusionTask, data: ImageSet, *, timesteps: tuple[int,
     total, count = 0.0, 0
     for k, t in enumerate(timesteps):
         gen = torch.Generator().manual_seed(seed * 1000 + k)
-        for batch in _batches(data):
+        for batch in data.batches(EVAL_BATCH):
             steps = torch.full((batch["pixels"].shape[0],), t, dtype=torch.long)
             errors = task.squared_error(batch, gen, timesteps=steps)
             total += errors.flatten(1).mean(1).sum().item()
