@@ -21,8 +21,17 @@ $(VENV)/.torch: | $(VENV)/bin/python
 	$(PIP) install -q torch==2.13.0
 	touch $@
 
+# rapidocr-onnxruntime depends on the GUI opencv-python (needs libGL; OpenCV 5 has no Haar cascades):
+# drop it and put the headless 4.x build back, last, so that `import cv2` is the headless one.
 $(STAMP): $(VENV)/.torch pyproject.toml
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) uninstall -q -y opencv-python opencv-contrib-python
+	$(PIP) install -q --force-reinstall --no-deps "opencv-python-headless>=4.8,<5"
+	touch $@
+
+# exiftool checks the sanitized files' bytes in the tests (root on the CI-class machine)
+$(VENV)/.debian: | $(VENV)/bin/python
+	command -v exiftool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libimage-exiftool-perl)
 	touch $@
 
 install: $(STAMP)
@@ -30,7 +39,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) $(VENV)/.debian
 	$(PY) -m pytest -q
 
 # Debian's chromium renders the audit report in the slow browser test (root on the CI-class machine).
@@ -38,7 +47,7 @@ $(VENV)/.chromium: | $(VENV)/bin/python
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $@
 
-test-slow: $(STAMP) $(VENV)/.chromium
+test-slow: $(STAMP) $(VENV)/.chromium $(VENV)/.debian
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)

@@ -48,6 +48,85 @@ def _offline_defaults() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated option → names; 'none' (or empty) → no names."""
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    return () if names in ((), ("none",)) else names
+
+
+@app.command()
+@_one_line_errors
+def sanitize(
+    src: Path = typer.Argument(..., metavar="IN", help="Dataset folder to clean (images with captions, or "
+                               "CSV/TSV/JSONL/TXT)."),
+    out: Path = typer.Argument(None, metavar="OUT", help="Folder for the cleaned copy (must not exist; not "
+                               "needed with --dry-run)."),
+    faces: str = typer.Option("haar,mtcnn", help="Face detectors, comma-separated (haar, mtcnn) or 'none'; "
+                              "boxes of all of them are redacted."),
+    face_confidence: float = typer.Option(None, "--face-confidence", help="Minimum MTCNN score for a face "
+                                          "(default 0.9; lower finds more faces and more false ones)."),
+    text: str = typer.Option("rapidocr", help="Printed-text detectors (rapidocr) or 'none'."),
+    text_confidence: float = typer.Option(None, "--text-confidence", help="Minimum OCR reading score that "
+                                          "confirms a text box (default 0.7; lower also blanks text-like "
+                                          "texture such as fur or foliage)."),
+    keep_text: bool = typer.Option(False, "--keep-text", help="Also read detected text and list it in the "
+                                   "report (off by default: the report would then hold what was redacted)."),
+    redaction: str = typer.Option("fill", help="fill (solid box, removes everything) | pixelate | blur "
+                                  "(weakest: partly invertible)."),
+    margin: float = typer.Option(0.1, help="Grow each box by this fraction of its size on every side."),
+    dedup: bool = typer.Option(False, "--dedup", help="Keep one image per near-duplicate cluster and list the "
+                               "rest (default: only report clusters)."),
+    dedup_distance: int = typer.Option(6, "--dedup-distance", help="pHash bits (of 64) within which two "
+                                       "images are near-duplicates."),
+    pii: bool = typer.Option(True, "--pii/--no-pii", help="Scrub PII from tables and captions."),
+    entities: str = typer.Option(None, help="PII types to find, comma-separated (default: the built-in set)."),
+    operator: str = typer.Option("replace", help="What replaces PII: replace (type tag) | mask | hash "
+                                 "(salted pseudonym, the same value → the same pseudonym)."),
+    salt: str = typer.Option(None, envvar="PRIVLORA_SALT", help="Secret salt for --operator hash (or "
+                             "PRIVLORA_SALT); keep it to get the same pseudonyms in the next export."),
+    columns: str = typer.Option(None, help="Only these columns/keys of CSV/TSV/JSONL (default: every text one)."),
+    max_pixels: int = typer.Option(8192 * 8192, "--max-pixels", help="Skip images above this many pixels "
+                                   "(decompression bombs)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be done; write nothing."),
+    report: Path = typer.Option(None, "--report", help="Also write the JSON report here (works with --dry-run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an earlier sanitize output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Make a cleaned copy of a dataset and a report of everything found (the input is never modified).
+
+    Images: faces and printed text are redacted, all metadata (EXIF/GPS, XMP, IPTC, ICC, comments, PNG
+    text) is dropped by re-encoding the pixels, near-duplicates are found by perceptual hash. Text tables
+    and image captions: PII (names, places, e-mails, phones, cards, IDs, handles, URLs) is replaced.
+    Corrupt, truncated, oversized and unknown files are reported and skipped. OUT holds the copy and
+    OUT/sanitize_report.json, and is directly usable by `privlora train --data OUT`.
+
+    Example: privlora sanitize photos/ photos-clean/ --dedup
+    """
+    from privlora.data.sanitize import ImageOptions, SanitizeOptions, TextOptions
+    from privlora.data.sanitize import sanitize as run_sanitize
+    from privlora.data.sanitize.summary import summary_lines
+    from privlora.runs import write_json_atomic
+
+    _offline_defaults()
+    if out is None and not dry_run:
+        raise UserError("give an output folder OUT, or --dry-run to only report")
+    if not 0 <= margin <= 2:
+        raise UserError(f"--margin must be between 0 and 2, got {margin}")
+    options = SanitizeOptions(
+        images=ImageOptions(faces=_names(faces), face_confidence=face_confidence, text=_names(text),
+                            text_confidence=text_confidence,
+                            keep_text=keep_text, redaction=redaction, margin=margin, max_pixels=max_pixels),
+        text=TextOptions(enabled=pii, entities=_names(entities) if entities else None, operator=operator,
+                         salt=salt, columns=_names(columns) if columns else None),
+        dedup=dedup, dedup_distance=dedup_distance, dry_run=dry_run, overwrite=overwrite)
+    result = run_sanitize(src, out, options=options, quiet=quiet)
+    for line in summary_lines(result):
+        typer.echo(line)
+    if report is not None:
+        write_json_atomic(report, result.to_json())
+        typer.echo(f"wrote {report}")
+
+
 @app.command()
 @_one_line_errors
 def train(

@@ -23,7 +23,7 @@ from privlora.errors import UserError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 METADATA = "metadata.jsonl"
 #: files privlora itself writes into a data folder, never images, never worth a warning
-SIDECARS = {METADATA, "canary.json"}
+SIDECARS = {METADATA, "canary.json", "sanitize_report.json"}
 
 
 @dataclass
