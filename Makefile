@@ -50,11 +50,20 @@ $(VENV)/.chromium: | $(VENV)/bin/python
 test-slow: $(STAMP) $(VENV)/.chromium $(VENV)/.debian
 	$(PY) -m pytest -q -m slow
 
-bench: $(STAMP)
+# Debian's Tesseract: presidio-image-redactor's OCR, the baseline of benchmarks/sanitize_throughput.py
+# (which builds its own venv for presidio-image-redactor: it would break this one's OpenCV)
+$(VENV)/.tesseract: | $(VENV)/bin/python
+	command -v tesseract >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr)
+	touch $@
+
+bench: $(STAMP) $(VENV)/.tesseract
 	$(PY) benchmarks/step_time.py
 	$(PY) benchmarks/demo_time.py
 	$(PY) benchmarks/audit_throughput.py
 	$(PY) benchmarks/extraction_memory.py
+	$(PY) benchmarks/sanitize_quality.py
+	$(PY) benchmarks/pii_quality.py
+	$(PY) benchmarks/sanitize_throughput.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -71,8 +71,12 @@ def _card_lines(fake) -> list[tuple[str, str]]:
             ("EMAIL", fake.email())]
 
 
-def id_cards(n: int = 40, seed: int = 0) -> list[Labelled]:
-    """``n`` ID-card-like images with a portrait and 4–6 printed lines of personal data."""
+def id_cards(n: int = 40, seed: int = 0, *, hard: bool = False) -> list[Labelled]:
+    """``n`` ID-card-like images with a portrait and 4–6 printed lines of personal data.
+
+    ``hard``: half the cards light ink on a dark background, smaller type (12–34 px), and each line
+    tilted by up to ±6° (true boxes are the extents of the tilted ink).
+    """
     from faker import Faker
 
     fake = Faker(["en_US", "en_GB"])
@@ -81,29 +85,34 @@ def id_cards(n: int = 40, seed: int = 0) -> list[Labelled]:
     faces, _ = _lfw()
     cards = []
     for i in range(n):
-        bg = tuple(int(v) for v in rng.integers(200, 256, 3))
+        dark = hard and i % 2 == 1
+        bg = tuple(int(v) for v in (rng.integers(20, 70, 3) if dark else rng.integers(200, 256, 3)))
         img = Image.new("RGB", (SIZE, SIZE), bg)
         noise = rng.normal(0, 6, (SIZE, SIZE, 3))
         img = Image.fromarray(np.clip(np.asarray(img, dtype=float) + noise, 0, 255).astype(np.uint8))
         portrait = _upscaled(faces[i % len(faces)], 120)
         img.paste(Image.fromarray(portrait), (SIZE - 150, 30))
-        draw = ImageDraw.Draw(img)
         card = Labelled(np.zeros(0))
         lines = _card_lines(fake)
         keep = sorted(rng.choice(len(lines), size=int(rng.integers(4, len(lines) + 1)), replace=False))
         y = 40
         for k in keep:
             label, text = lines[k]
-            size = int(rng.integers(16, 34))
+            size = int(rng.integers(12, 35) if hard else rng.integers(16, 34))
             font = ImageFont.load_default(size=size)
-            colour = tuple(int(v) for v in rng.integers(0, 90, 3))
+            colour = tuple(int(v) for v in (rng.integers(190, 256, 3) if dark else rng.integers(0, 90, 3)))
             x = int(rng.integers(20, 60))
             ink = Image.new("L", (SIZE, SIZE), 0)
             ImageDraw.Draw(ink).text((x, y), text, font=font, fill=255)
+            if hard:
+                ink = ink.rotate(float(rng.uniform(-6, 6)), resample=Image.Resampling.BICUBIC, center=(x, y + size / 2))
             mask = np.asarray(ink) > 64
             if mask.any():
                 ys, xs = np.nonzero(mask)
-                draw.text((x, y), text, font=font, fill=colour)
+                if hard:
+                    img.paste(Image.new("RGB", (SIZE, SIZE), colour), (0, 0), ink)
+                else:
+                    ImageDraw.Draw(img).text((x, y), text, font=font, fill=colour)
                 card.boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
                 card.labels.append(label)
                 card.texts.append(text)

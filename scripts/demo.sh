@@ -2,12 +2,15 @@
 # The headline demo on the embedded defaults (issue 4): train plain, SMP-LoRA and DP-LoRA adapters on the
 # same 32 private faces, then audit all three against the same 36 evaluation non-members with every
 # attack (two reference adapters for LiRA/RMIA, shared) and write one comparison report + terminal table.
-# Outputs under demo/: demo/{plain,smp,dp}/ run directories, demo/references/, demo/report.html.
+# Outputs under demo/: demo/{plain,smp,dp}/ run directories, demo/references/, demo/report.html; first, a
+# sanitize example (demo/sanitize/, demo/sanitize-before-after.png).
 set -euo pipefail
 PRIVLORA=.venv/bin/privlora
 rm -rf demo
 mkdir -p demo
 start=$(date +%s)
+# issue 5: clean a dataset first (faces, printed text, EXIF/GPS, PII in the caption) → before/after picture
+.venv/bin/python scripts/sanitize_example.py --work demo/sanitize --out demo/sanitize-before-after.png
 for mode in plain smp dp; do
   $PRIVLORA train --config "configs/demo-$mode.yaml" --out "demo/$mode"
   $PRIVLORA generate "demo/$mode" --n 16 --seed 0 --steps 20 --out "demo/$mode/samples.png"

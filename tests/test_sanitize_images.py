@@ -373,3 +373,77 @@ def test_non_overwritable_folder_is_refused(tmp_path):
     proc = run_cli("sanitize", str(src), str(out), "--no-pii", "--overwrite", "-q")
     assert_one_line_error(proc, "not a sanitize output")
     assert (out / "thesis.tex").read_text() == "years of work"
+
+
+# --- images and text together, as a user runs it ------------------------------------------------------
+
+def test_cli_scrubs_captions_and_tables_and_trains_on_the_copy(tmp_path):
+    """Captions and a CSV lose their PII (salted pseudonyms, stable across runs); `privlora train` reads OUT."""
+    from conftest import CONFIGS, FAST
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    photo = skdata.astronaut()
+    rows = []
+    for i in range(12):  # enough images for the demo split (members / aux / eval)
+        y, x = rng.integers(0, 512 - 96, 2)
+        Image.fromarray(photo[y:y + 96, x:x + 96]).save(src / f"img{i:02d}.png")
+        rows.append({"file_name": f"img{i:02d}.png", "text": f"photo {i} of Jane Doe, jane.doe@example.com"})
+    (src / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (src / "img03.txt").write_text("ignored: metadata.jsonl wins, but scrubbed anyway: call +1 212-555-0187\n")
+    (src / "notes.csv").write_text("id,note,amount\n1,Patient John Smith called from +1 212-555-0187,12.50\n"
+                                   "2,Card 4111 1111 1111 1111 declined,99.00\n")
+    before = _tree_digest(src)
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"out{k}"
+        proc = run_cli("sanitize", str(src), str(out), "--operator", "hash", "--salt", "s3cret", "--faces", "none",
+                       "--text", "none", "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert "pii:EMAIL_ADDRESS" in proc.stdout and "pii:PERSON" in proc.stdout
+        outs.append(out)
+    assert _tree_digest(src) == before
+    out = outs[0]
+    captions = (out / "metadata.jsonl").read_text()
+    notes = (out / "notes.csv").read_text()
+    sidecar = (out / "img03.txt").read_text()
+    for secret in ("Jane Doe", "jane.doe@example.com", "John Smith", "212-555-0187", "4111 1111 1111 1111"):
+        assert secret not in captions + notes + sidecar, secret
+        assert secret not in (out / "sanitize_report.json").read_text()
+    assert "s3cret" not in "".join((o / f).read_text() for o in outs for f in ("sanitize_report.json",
+                                                                               "metadata.jsonl", "notes.csv"))
+    assert notes.splitlines()[0] == "id,note,amount" and notes.splitlines()[1].endswith(",12.50")
+    pseudonym = json.loads(captions.splitlines()[0])["text"].split("of ")[1].split(",")[0]
+    assert pseudonym.startswith("<PERSON_") and all(pseudonym in line for line in captions.splitlines())
+    assert (outs[1] / "metadata.jsonl").read_text() == captions  # same salt, same pseudonyms
+    report = json.loads((out / "sanitize_report.json").read_text())
+    assert report["options"]["text"]["salted"] is True and report["found"]["pii:EMAIL_ADDRESS"]["items"] == 12
+    run = tmp_path / "run"
+    proc = run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--data", str(out), "--max-steps", "2",
+                   "--batch-size", "2", "--out", str(run), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_worker_processes_give_the_same_copy_and_report(tmp_path):
+    """Images spread over two processes: same files, same findings, same order as one process."""
+    src = tmp_path / "in"
+    src.mkdir()
+    photo = skdata.astronaut()
+    for i in range(17):  # ≥ MIN_PER_WORKER × 2, so the pool really starts
+        y = 20 * i
+        Image.fromarray(photo[y:y + 200, 100:300]).save(src / f"{i:02d}.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        options = SanitizeOptions(images=ImageOptions(), text=TextOptions(enabled=False), workers=workers)
+        results[workers] = sanitize(src, out, options=options, quiet=True)
+        results[workers].options = None  # compare what was found, not how it was run
+    one, two = ([r.to_json() for r in results[k].files] for k in (1, 2))
+    assert one == two
+    assert sum(f["kind"] == "face" for r in one for f in r["findings"]) >= 5
+    assert _tree_digest(tmp_path / "out1") == {k: v for k, v in _tree_digest(tmp_path / "out2").items()
+                                               if k != "sanitize_report.json"} | {
+        "sanitize_report.json": _tree_digest(tmp_path / "out1")["sanitize_report.json"]}

@@ -61,8 +61,8 @@ def sanitize(
                                "CSV/TSV/JSONL/TXT)."),
     out: Path = typer.Argument(None, metavar="OUT", help="Folder for the cleaned copy (must not exist; not "
                                "needed with --dry-run)."),
-    faces: str = typer.Option("haar,mtcnn", help="Face detectors, comma-separated (haar, mtcnn) or 'none'; "
-                              "boxes of all of them are redacted."),
+    faces: str = typer.Option("mtcnn", help="Face detectors, comma-separated (mtcnn, haar) or 'none'; boxes "
+                              "of all of them are redacted. haar,mtcnn finds ~1 % more faces at ~3× the time."),
     face_confidence: float = typer.Option(None, "--face-confidence", help="Minimum MTCNN score for a face "
                                           "(default 0.9; lower finds more faces and more false ones)."),
     text: str = typer.Option("rapidocr", help="Printed-text detectors (rapidocr) or 'none'."),
@@ -90,6 +90,7 @@ def sanitize(
     dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be done; write nothing."),
     report: Path = typer.Option(None, "--report", help="Also write the JSON report here (works with --dry-run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is an earlier sanitize output."),
+    workers: int = typer.Option(None, "--workers", help="Processes for images (default: one per core, up to 8)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Make a cleaned copy of a dataset and a report of everything found (the input is never modified).
@@ -112,13 +113,19 @@ def sanitize(
         raise UserError("give an output folder OUT, or --dry-run to only report")
     if not 0 <= margin <= 2:
         raise UserError(f"--margin must be between 0 and 2, got {margin}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if pii and operator == "hash" and salt is None:
+        typer.echo("warning: --operator hash without --salt (or PRIVLORA_SALT): pseudonyms agree within this "
+                   "run only, not with a later export", err=True)
     options = SanitizeOptions(
         images=ImageOptions(faces=_names(faces), face_confidence=face_confidence, text=_names(text),
                             text_confidence=text_confidence,
                             keep_text=keep_text, redaction=redaction, margin=margin, max_pixels=max_pixels),
         text=TextOptions(enabled=pii, entities=_names(entities) if entities else None, operator=operator,
                          salt=salt, columns=_names(columns) if columns else None),
-        dedup=dedup, dedup_distance=dedup_distance, dry_run=dry_run, overwrite=overwrite)
+        dedup=dedup, dedup_distance=dedup_distance, dry_run=dry_run, overwrite=overwrite,
+        **({"workers": workers} if workers else {}))
     result = run_sanitize(src, out, options=options, quiet=quiet)
     for line in summary_lines(result):
         typer.echo(line)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 class ImageOptions:
     """What to look for in images and what to do with it (see ``privlora sanitize --help``)."""
 
-    faces: Sequence[str] = ("haar", "mtcnn")
+    faces: Sequence[str] = ("mtcnn",)
     face_confidence: float | None = None
     text: Sequence[str] = ("rapidocr",)
     text_confidence: float | None = None
@@ -69,14 +70,16 @@ def open_image(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 class ImageSanitizer:
     """Applies one set of :class:`ImageOptions` to image after image (models load once, on first use)."""
 
-    def __init__(self, options: ImageOptions) -> None:
+    def __init__(self, options: ImageOptions, *, threads: int | None = None) -> None:
         self.options = options
         self.redactor = get_redactor(options.redaction)
         self.detectors: list[Detector] = [*build("face", options.faces, options.face_confidence),
                                           *build("text", options.text, options.text_confidence)]
-        for det in self.detectors:
-            if det.kind == "text" and hasattr(det, "read"):
+        for det in self.detectors:  # settings only some detectors have
+            if hasattr(det, "read"):
                 det.read = options.keep_text
+            if hasattr(det, "threads"):
+                det.threads = threads or os.cpu_count() or 1
 
     def detect(self, rgb: np.ndarray) -> dict[str, list[Detection]]:
         """Every detector's boxes, by kind (``face``, ``text``), clipped to the image."""

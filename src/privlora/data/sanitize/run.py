@@ -20,6 +20,7 @@ from typing import Any
 from privlora.data.sanitize.dedup import DEFAULT_DISTANCE, clusters, distance
 from privlora.data.sanitize.images import IMAGE_SUFFIXES, ImageOptions, ImageSanitizer
 from privlora.data.sanitize.report import CLEAN, DUPLICATE, SKIPPED, FileReport, Finding, SkipFile
+from privlora.data.sanitize.workers import default_workers, sanitize_images
 from privlora.errors import UserError
 from privlora.progress import progress_bar
 from privlora.runs import atomic_dir, write_json_atomic
@@ -50,6 +51,7 @@ class SanitizeOptions:
     dedup_distance: int = DEFAULT_DISTANCE
     dry_run: bool = False
     overwrite: bool = False
+    workers: int = field(default_factory=default_workers)
 
 
 @dataclass
@@ -185,43 +187,60 @@ def sanitize(src: str | Path, out: str | Path | None = None, *, options: Sanitiz
 
 def _process(src: Path, tmp: Path | None, roles: list[tuple[str, Path]], images: ImageSanitizer,
              scrubber: Any, options: SanitizeOptions, quiet: bool) -> list[FileReport]:
+    """Images first (in worker processes when there are many), then text files; reports in path order."""
+    reports: dict[int, FileReport] = {}
+    hashes: list[tuple[int, int]] = []  # (index into reports, pHash)
+    jobs: list[tuple[int, tuple[Path, Path | None, str]]] = []
+    for index, (role, path) in enumerate(roles):
+        rel = path.relative_to(src).as_posix()
+        dst = tmp / rel if tmp is not None else None
+        if dst is not None:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+        if role == "image":
+            jobs.append((index, (path, dst, rel)))
+    with progress_bar("sanitize", total=len(roles), quiet=quiet) as bar:
+        for (index, _), (report, image_hash) in zip(jobs, sanitize_images([j for _, j in jobs], images,
+                                                                            options.workers), strict=True):
+            reports[index] = report
+            if image_hash is not None:
+                hashes.append((index, image_hash))
+            bar.advance(1)
+        for index, (role, path) in enumerate(roles):
+            if role != "image":
+                rel = path.relative_to(src).as_posix()
+                reports[index] = _process_other(role, path, tmp / rel if tmp is not None else None, rel,
+                                                scrubber, options)
+                bar.advance(1)
+    ordered = [reports[i] for i in range(len(roles))]
+    _mark_duplicates(ordered, sorted(hashes), options, tmp)
+    if tmp is not None:
+        removed = {r.path for r in ordered if r.kind == "image" and r.status in (SKIPPED, DUPLICATE)}
+        _drop_removed_captions(tmp, removed)
+    return ordered
+
+
+def _process_other(role: str, path: Path, dst: Path | None, rel: str, scrubber: Any,
+                   options: SanitizeOptions) -> FileReport:
+    """A file that is not an image: captions and tables are scrubbed, sidecars copied, the rest left out."""
     from privlora.data.sanitize.pii import sanitize_table
 
-    reports: list[FileReport] = []
-    hashes: list[tuple[int, int]] = []  # (index into reports, pHash)
-    with progress_bar("sanitize", total=len(roles), quiet=quiet) as bar:
-        for role, path in roles:
-            rel = path.relative_to(src).as_posix()
-            dst = tmp / rel if tmp is not None else None
+    try:
+        if role in ("captions", "sidecar", "table") and scrubber is not None:
+            columns = ["text"] if role == "captions" else options.text.columns
+            if role == "sidecar":
+                return _scrub_sidecar(path, dst, scrubber, rel)
+            return sanitize_table(path, dst, scrubber=scrubber, rel=rel, columns=columns)
+        if role in ("captions", "sidecar", "table", "copy"):
             if dst is not None:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                if role == "image":
-                    report, image_hash = images(path, dst, rel)
-                    hashes.append((len(reports), image_hash))
-                elif role in ("captions", "sidecar", "table") and scrubber is not None:
-                    columns = ["text"] if role == "captions" else options.text.columns
-                    report = (_scrub_sidecar(path, dst, scrubber, rel) if role == "sidecar" else
-                              sanitize_table(path, dst, scrubber=scrubber, rel=rel, columns=columns))
-                elif role in ("captions", "sidecar", "table", "copy"):
-                    report = FileReport(rel, "text" if role != "copy" else "other", CLEAN,
-                                        reason="copied unchanged (text scanning is off)" if role != "copy" else
-                                        "privlora sidecar, copied unchanged")
-                    if dst is not None:
-                        shutil.copyfile(path, dst)
-                else:
-                    report = FileReport(rel, "other", SKIPPED, reason="not an image or a text dataset; not copied")
-            except SkipFile as e:
-                report = FileReport(rel, role if role == "image" else "text", SKIPPED, reason=str(e))
-                if dst is not None:
-                    dst.unlink(missing_ok=True)
-            reports.append(report)
-            bar.advance(1)
-    _mark_duplicates(reports, hashes, options, tmp)
-    if tmp is not None:
-        removed = {r.path for r in reports if r.kind == "image" and r.status in (SKIPPED, DUPLICATE)}
-        _drop_removed_captions(tmp, removed)
-    return reports
+                shutil.copyfile(path, dst)
+            return FileReport(rel, "text" if role != "copy" else "other", CLEAN,
+                              reason="copied unchanged (text scanning is off)" if role != "copy" else
+                              "privlora sidecar, copied unchanged")
+        return FileReport(rel, "other", SKIPPED, reason="not an image or a text dataset; not copied")
+    except SkipFile as e:
+        if dst is not None:
+            dst.unlink(missing_ok=True)
+        return FileReport(rel, "text", SKIPPED, reason=str(e))
 
 
 def _scrub_sidecar(path: Path, dst: Path | None, scrubber: Any, rel: str) -> FileReport:
