@@ -348,6 +348,7 @@ def test_cli_sanitizes_and_prints_a_summary(tmp_path):
 
 @pytest.mark.parametrize("args,needles", [
     (["{missing}", "{out}"], ["does not exist"]),
+    (["{src}/a.png", "{src}"], ["outside the input"]),
     (["{src}", "{src}/inside"], ["outside the input"]),
     (["{src}", "{out}", "--faces", "yolo"], ["unknown face detector", "haar"]),
     (["{src}", "{out}", "--redaction", "smudge"], ["unknown redaction", "fill"]),
@@ -447,3 +448,15 @@ def test_worker_processes_give_the_same_copy_and_report(tmp_path):
     assert _tree_digest(tmp_path / "out1") == {k: v for k, v in _tree_digest(tmp_path / "out2").items()
                                                if k != "sanitize_report.json"} | {
         "sanitize_report.json": _tree_digest(tmp_path / "out1")["sanitize_report.json"]}
+
+
+def test_one_file_in_gives_a_folder_with_its_copy_and_report(tmp_path):
+    table = tmp_path / "records.csv"
+    table.write_text("id,note\n1,Call Jane Doe at +1 212-555-0187 or jane@example.com\n")
+    out = tmp_path / "clean"
+    proc = run_cli("sanitize", str(table), str(out), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["records.csv", "sanitize_report.json"]
+    cleaned = (out / "records.csv").read_text()
+    assert "jane@example.com" not in cleaned and "212-555-0187" not in cleaned and cleaned.startswith("id,note\n1,")
+    assert table.read_text().count("jane@example.com") == 1

@@ -57,8 +57,8 @@ def _names(value: str) -> tuple[str, ...]:
 @app.command()
 @_one_line_errors
 def sanitize(
-    src: Path = typer.Argument(..., metavar="IN", help="Dataset folder to clean (images with captions, or "
-                               "CSV/TSV/JSONL/TXT)."),
+    src: Path = typer.Argument(..., metavar="IN", help="Dataset folder to clean (images with captions, "
+                               "CSV/TSV/JSONL/TXT), or one such file."),
     out: Path = typer.Argument(None, metavar="OUT", help="Folder for the cleaned copy (must not exist; not "
                                "needed with --dry-run)."),
     faces: str = typer.Option("mtcnn", help="Face detectors, comma-separated (mtcnn, haar) or 'none'; boxes "

@@ -91,11 +91,12 @@ class SanitizeResult:
                 "found": self.counts(), "files": [r.to_json() for r in self.files]}
 
 
-def _classify(src: Path) -> list[tuple[str, Path]]:
-    """(role, path) for every file under ``src``: image | captions | sidecar | table | copy | other."""
+def _classify(src: Path, only: Path | None = None) -> list[tuple[str, Path]]:
+    """(role, path) for every file under ``src`` (or just ``only``): image | captions | sidecar | table |
+    copy | other."""
     from privlora.data.sanitize.pii import TABLE_SUFFIXES
 
-    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files = [only] if only is not None else sorted(p for p in src.rglob("*") if p.is_file())
     images = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
     roles = []
     for p in files:
@@ -120,9 +121,9 @@ def _classify(src: Path) -> list[tuple[str, Path]]:
 
 def _check_paths(src: Path, out: Path, options: SanitizeOptions) -> None:
     if not src.exists():
-        raise UserError(f"input folder {src} does not exist")
-    if not src.is_dir():
-        raise UserError(f"{src} is not a folder (sanitize copies a whole dataset folder)")
+        raise UserError(f"input {src} does not exist")
+    if not (src.is_dir() or src.is_file()):
+        raise UserError(f"{src} is neither a folder nor a file")
     if options.dry_run:
         return
     s, o = src.resolve(), out.resolve()
@@ -156,7 +157,9 @@ def sanitize(src: str | Path, out: str | Path | None = None, *, options: Sanitiz
              quiet: bool = False) -> SanitizeResult:
     """Make a sanitized copy of the dataset folder ``src`` at ``out`` with ``sanitize_report.json``.
 
-    With ``options.dry_run`` nothing is written (``out`` may be None) and the result says what would be.
+    ``src`` may also be one file (a CSV, a JSONL, an image): ``out`` is then a folder holding its cleaned
+    copy and the report. With ``options.dry_run`` nothing is written (``out`` may be None) and the
+    result says what would be.
     """
     options = options or SanitizeOptions()
     src = Path(src)
@@ -171,15 +174,16 @@ def sanitize(src: str | Path, out: str | Path | None = None, *, options: Sanitiz
 
         scrubber = PiiScrubber(entities=options.text.entities, operator=options.text.operator,
                                salt=options.text.salt, threshold=options.text.threshold)
-    roles = _classify(src)
+    root = src.parent if src.is_file() else src
+    roles = _classify(root, src if src.is_file() else None)
     if not roles:
         raise UserError(f"{src} holds no files to sanitize")
     if options.dry_run:
-        files = _process(src, None, roles, images, scrubber, options, quiet)
+        files = _process(root, None, roles, images, scrubber, options, quiet)
         return SanitizeResult(src, None, files, options)
     assert out_path is not None
     with atomic_dir(out_path) as tmp:
-        files = _process(src, tmp, roles, images, scrubber, options, quiet)
+        files = _process(root, tmp, roles, images, scrubber, options, quiet)
         result = SanitizeResult(src, out_path, files, options)
         write_json_atomic(tmp / REPORT, result.to_json())
     return result
