@@ -65,6 +65,7 @@ def test_only_lora_and_the_head_train(task):
 
 
 def test_per_sample_loss_matches_a_one_by_one_loop(task, tweets):
+    task.train()  # dropout is zero: train mode must give the same numbers one by one
     batch = {"texts": tweets.texts[:8], "labels": tweets.labels[:8]}  # different lengths → padding
     together = task.per_sample_loss(batch)
     alone = torch.cat([task.per_sample_loss({"texts": [t], "labels": [y]})
@@ -111,7 +112,7 @@ def test_adapter_is_a_standard_peft_folder(task, tweets, tmp_path):
         again = fresh.logits({"texts": texts})
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(again, expected, atol=1e-5, rtol=1e-4)
-    with pytest.raises(UserError, match="no adapter_model.safetensors"):
+    with pytest.raises(UserError, match="no adapter at"):
         fresh.load_adapter(tmp_path)
 
 

@@ -249,10 +249,10 @@ def test_interrupt_during_evaluation_keeps_a_resumable_run(runs, tmp_path, monke
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "measure_utility", broken)
+        patch.setitem(loop.UTILITY, "image", broken)
         with pytest.raises(Interrupted, match="--resume"):
             train(_config(out, checkpoint_every=2))
-    assert loop.measure_utility is real
+    assert loop.UTILITY["image"] is real
     assert not out.exists() and (_partial(out) / "checkpoint.pt").is_file()
     train(_config(out, checkpoint_every=2, resume=True))
     _assert_same_run(out, runs["plain"].run_dir)  # no step repeated, none lost, metrics not doubled

@@ -139,10 +139,13 @@ def sanitize(
 def train(
     config: Path = typer.Option(None, "--config", "-c", help="YAML config (see configs/); flags override it."),
     mode: str = typer.Option(None, help="plain | dp | mp | smp"),
+    task: str = typer.Option(None, help="image (diffusion, default) | text (MiniLM sentence classifier on "
+                             "demo:tweets or a CSV/JSONL with text,label)."),
     out: Path = typer.Option(None, help="Run directory to create (written atomically)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Number of LoRA updates."),
     base: str = typer.Option(None, help="'embedded', a diffusers folder or model id (UNet2DModel or SD)."),
-    data: str = typer.Option(None, help="demo:faces | demo:digits | image folder with captions."),
+    data: str = typer.Option(None, help="demo:faces | demo:digits | image folder with captions; text: "
+                             "demo:tweets | CSV/JSONL file."),
     seed: int = typer.Option(None, help="Seed for splits, noise, timesteps and init; same seed, same numbers."),
     batch_size: int = typer.Option(None, "--batch-size", help="Batch (expected batch under DP)."),
     lr: float = typer.Option(None, help="Learning rate."),
@@ -165,7 +168,7 @@ def train(
 
     _offline_defaults()
     named: dict[str, Any] = {
-        "mode": mode, "out": str(out) if out else None, "optim.max_steps": max_steps, "base": base,
+        "mode": mode, "task": task, "out": str(out) if out else None, "optim.max_steps": max_steps, "base": base,
         "data.source": data, "seed": seed, "optim.batch_size": batch_size, "optim.lr": lr, "lora.rank": rank,
         "dp.noise_multiplier": noise_multiplier, "dp.target_epsilon": target_epsilon,
         "dp.max_grad_norm": max_grad_norm, "dp.delta": delta, "mp.alpha": alpha, "mp.beta": beta,
@@ -193,6 +196,12 @@ def train(
     def loss(key: str) -> str:
         return "n/a" if u.get(key) is None else f"{u[key]:.4f}"
 
+    if "accuracy_heldout" in u:  # the text task
+        acc = "n/a" if u["accuracy_heldout"] is None else f"{u['accuracy_heldout']:.3f}"
+        majority = "n/a" if u["majority_class_heldout"] is None else f"{u['majority_class_heldout']:.3f}"
+        typer.echo(f"  held-out accuracy {acc} (majority class {majority}), loss {loss('loss_heldout')}; "
+                   f"members {loss('accuracy_members')} accuracy")
+        return
     typer.echo(f"  held-out denoising loss {loss('loss_heldout')} (base {loss('base_loss_heldout')}), "
                f"members {loss('loss_members')} (base {loss('base_loss_members')})")
     if "fd_heldout" in u:

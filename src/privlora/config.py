@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from privlora.errors import UserError
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+#: the text task's defaults: BERT attention projections and the attention output
+TEXT_TARGETS = ("query", "key", "value", "attention.output.dense")
 
 
 class Strict(BaseModel):
@@ -34,6 +36,7 @@ class DataOptions(Strict):
     aux: float = Field(0.32, ge=0, lt=1)  # fraction only MP/SMP's proxy attacker may see
     eval: float = Field(0.36, ge=0, lt=1)  # fraction only the audit may see
     center_crop: bool = True
+    limit: int | None = Field(None, ge=4)  # text: a seeded sample of this many rows (demo:tweets has 38k)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataOptions:
@@ -85,7 +88,8 @@ class EvalOptions(Strict):
 class TrainConfig(Strict):
     name: str = "run"
     out: Path = Path("runs/demo")
-    base: str = "embedded"  # embedded | diffusers model folder or id (UNet2DModel or Stable Diffusion)
+    task: Literal["image", "text"] = "image"  # diffusion on images | sentence classification on text
+    base: str = "embedded"  # image: embedded | diffusers folder or id; text: minilm | a BERT folder
     mode: Literal["plain", "dp", "mp", "smp"] = "plain"
     seed: int = 0
     device: str = "cpu"
@@ -101,6 +105,31 @@ class TrainConfig(Strict):
     dp: DPOptions = DPOptions()
     mp: MPOptions = MPOptions()
     eval: EvalOptions = EvalOptions()
+
+    @model_validator(mode="after")
+    def _text_defaults(self) -> TrainConfig:
+        """A text run that names no base, data or LoRA targets gets the text task's, not the image ones."""
+        if self.task != "text":
+            return self
+        if self.lora.full_finetune:
+            raise ValueError("lora.full_finetune is for the image benchmark only, not the text task")
+        update: dict[str, Any] = {}
+        if "base" not in self.model_fields_set or self.base == "embedded":
+            update["base"] = "minilm"
+        if "source" not in self.data.model_fields_set:
+            update["data"] = self.data.model_copy(update={"source": "demo:tweets"})
+        if "targets" not in self.lora.model_fields_set:
+            update["lora"] = self.lora.model_copy(update={"targets": TEXT_TARGETS})
+        return self.model_copy(update=update) if update else self
+        if "base" not in self.model_fields_set or self.base == "embedded":
+            self.base = "minilm"
+        if "source" not in self.data.model_fields_set:
+            self.data = self.data.model_copy(update={"source": "demo:tweets"})
+        if "targets" not in self.lora.model_fields_set:
+            self.lora = self.lora.model_copy(update={"targets": TEXT_TARGETS})
+        if self.lora.full_finetune:
+            raise ValueError("lora.full_finetune is for the image benchmark only, not the text task")
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -70,6 +70,8 @@ def load_run(run: Path) -> LoadedRun:
     if not (run / "adapter" / PEFT_CONFIG).is_file():
         raise UserError(f"{run} has no adapter/ to audit (missing {PEFT_CONFIG})")
     config = load_config(run / "config.yaml", {"resume": False})
+    if config.task != "image":
+        raise UserError(f"{run} is a {config.task} run; the audit covers image (diffusion) runs so far")
     trained_on = adapter_base(run / "adapter")
     if trained_on != config.base:
         raise UserError(f"the adapter in {run} was trained on base {trained_on!r}, the run's config says "

@@ -44,6 +44,11 @@ class ImageSet:
             sub = self.subset(list(range(start, min(start + size, len(self)))))
             yield {"pixels": sub.pixels, "captions": sub.captions}
 
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        """The Task's batch for these samples: pixels and captions."""
+        sub = self.subset(indices)
+        return {"pixels": sub.pixels, "captions": sub.captions}
+
     def by_ids(self, wanted: list[str]) -> ImageSet:
         """Subset by id, in the order given."""
         position = {sample_id: i for i, sample_id in enumerate(self.ids)}

@@ -14,6 +14,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from privlora.errors import UserError
 
@@ -35,6 +36,15 @@ class TextSet:
     def subset(self, indices: list[int]) -> TextSet:
         return TextSet([self.ids[i] for i in indices], [self.texts[i] for i in indices],
                        [self.labels[i] for i in indices], self.classes)
+
+    def by_ids(self, wanted: list[str]) -> TextSet:
+        """Subset by id, in the order given."""
+        position = {sample_id: i for i, sample_id in enumerate(self.ids)}
+        return self.subset([position[w] for w in wanted])
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        """The Task's batch for these samples: texts and integer labels."""
+        return {"texts": [self.texts[i] for i in indices], "labels": [self.labels[i] for i in indices]}
 
 
 def _from_rows(rows: list[tuple[str, str, str]], source: str) -> TextSet:

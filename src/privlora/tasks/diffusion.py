@@ -86,6 +86,15 @@ class DiffusionTask(ABC):
         """The flattened per-element error map: what SMP-LoRA's proxy attacker sees (Luo et al. 2024)."""
         return self.squared_error(batch, generator).flatten(1)
 
+    def adaptation_and_features(self, batch: dict[str, Any],
+                                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass for MP/SMP: the mean denoising loss and the attacker's features, sharing the graph."""
+        errors = self.squared_error(batch, generator).flatten(1)
+        return errors.mean(), errors
+
+    def attack_feature_size(self) -> int:
+        return int(torch.tensor(self.sample_shape()).prod())
+
     # --- adapters -----------------------------------------------------------------------------
     def save_adapter(self, path: str | Path) -> None:
         if self.lora is None:

@@ -98,9 +98,14 @@ def read_spec(path: Path) -> LoraSpec:
     return LoraSpec(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=tuple(cfg["target_modules"]))
 
 
-def load_lora(module: nn.Module, path: Path) -> None:
-    """Load adapter weights into a module that already carries LoRA layers of the same shape."""
-    state = read_lora(path)
+def load_lora(module: nn.Module, path: Path, *, other_prefixes: tuple[str, ...] = ()) -> None:
+    """Load adapter weights into a module that already carries LoRA layers of the same shape.
+
+    Keys starting with one of ``other_prefixes`` (e.g. a classification head the caller loads itself)
+    are left out.
+    """
+    state = {k: v for k, v in read_lora(path).items() if not k.startswith(other_prefixes)} if other_prefixes \
+        else read_lora(path)
     expected = lora_state_dict(module)
     for key, value in state.items():
         if key not in expected:

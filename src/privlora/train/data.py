@@ -1,8 +1,10 @@
-"""Load the training data a config names, shaped for the Task (channels, resolution, captions)."""
+"""Load the Task and the training data a config names (images: at the Task's channels, resolution and
+captions; text: the labels decide the classifier's head)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from privlora.config import TrainConfig
 from privlora.data.demo import BUILTIN, load_builtin
@@ -34,3 +36,37 @@ def load_training_data(config: TrainConfig, task: DiffusionTask) -> ImageSet:
         warnings.warn(f"{len(report.skipped)} files in {source} were skipped (corrupt or not images)",
                       stacklevel=2)
     return data
+
+
+def _image_task_and_data(config: TrainConfig, spec: Any) -> tuple[Any, Any]:
+    from privlora.tasks.loading import load_task
+
+    task = load_task(config.base, spec, seed=config.seed, trust_pickle=config.trust_pickle, device=config.device)
+    return task, load_training_data(config, task)
+
+
+def _text_task_and_data(config: TrainConfig, spec: Any) -> tuple[Any, Any]:
+    from privlora.data.text import load_text_dataset
+    from privlora.tasks.text import TextClassificationTask, TextLora
+
+    if config.device != "cpu":
+        raise UserError("the text task runs on the CPU only for now (device: cpu)")
+    data = load_text_dataset(config.data.source, limit=config.data.limit)
+    base = None if config.base == "minilm" else Path(config.base)
+    if base is not None and not (base / "config.json").is_file():
+        raise UserError(f"text base {config.base!r} is neither 'minilm' nor a BERT model folder with config.json")
+    lora = TextLora(rank=spec.rank, alpha=spec.alpha, targets=tuple(spec.targets)) if spec is not None else None
+    try:
+        task = TextClassificationTask(len(data.classes), lora=lora, seed=config.seed, base=base)
+    except ValueError as e:  # peft: targets that match no layer
+        raise UserError(f"LoRA targets {list(spec.targets) if spec else []} do not fit the text base: {e}") from None
+    return task, data
+
+
+#: config.task → loader of (Task, dataset)
+TASK_LOADERS = {"image": _image_task_and_data, "text": _text_task_and_data}
+
+
+def load_task_and_data(config: TrainConfig, spec: Any) -> tuple[Any, Any]:
+    """The Task (LoRA attached per ``spec``) and the whole dataset, for ``config.task``."""
+    return TASK_LOADERS[config.task](config, spec)

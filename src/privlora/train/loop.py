@@ -27,10 +27,14 @@ from privlora.runs import write_json_atomic
 from privlora.tasks.diffusion import DiffusionTask
 from privlora.tasks.lora import LoraSpec
 from privlora.train.checkpoint import load_checkpoint, save_checkpoint
-from privlora.train.data import load_training_data
+from privlora.train.data import load_task_and_data
 from privlora.train.dp import PrivateTraining, resolve
 from privlora.train.objectives import OBJECTIVES, Objective
+from privlora.train.text_utility import measure_text_utility
 from privlora.train.utility import measure_utility
+
+#: config.task → utility measure written to utility.json
+UTILITY = {"image": measure_utility, "text": measure_text_utility}
 
 
 class Interrupted(UserError):
@@ -179,11 +183,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def _as_batch(data: ImageSet, indices: list[int]) -> dict[str, Any]:
-    sub = data.subset(indices)
-    return {"pixels": sub.pixels, "captions": sub.captions}
-
-
 def _refuse_multiprocess() -> None:
     """Multi-process launches (``accelerate launch``, ``torchrun``) are not supported yet.
 
@@ -205,16 +204,12 @@ def train(config: TrainConfig, *, splits: Splits | None = None) -> TrainResult:
     ``splits`` replaces the seeded split of ``config.data`` — the audit's reference adapters train on
     chosen halves of a population this way.
     """
-    from privlora.tasks.loading import load_task
-
     _refuse_multiprocess()
     start = time.time()
     torch.manual_seed(config.seed)
     out, run = _run_dirs(config)
     try:
-        task = load_task(config.base, _lora_spec(config), seed=config.seed, trust_pickle=config.trust_pickle,
-                         device=config.device)
-        data = load_training_data(config, task)
+        task, data = load_task_and_data(config, _lora_spec(config))
         splits = Splits.load(run) if config.resume else splits or make_splits(
             data, members=config.data.members, aux=config.data.aux, eval=config.data.eval,
             seed=config.seed, source=config.data.source)
@@ -330,8 +325,8 @@ def _finish(config: TrainConfig, task: DiffusionTask, private: PrivateTraining |
     if not config.lora.full_finetune:
         task.save_adapter(run / "adapter")
     write_json_atomic(run / "privacy.json", privacy)
-    utility = measure_utility(task, members=members, held_out=held_out, options=config.eval,
-                              seed=config.seed, quiet=config.quiet)
+    utility = UTILITY[config.task](task, members=members, held_out=held_out, options=config.eval,
+                                   seed=config.seed, quiet=config.quiet)
     write_json_atomic(run / "utility.json", utility)
     (run / "checkpoint.pt").unlink(missing_ok=True)
     run.rename(out)
@@ -348,7 +343,7 @@ def _one_step(task: DiffusionTask, objective: Objective, private: PrivateTrainin
         private.zero_grad()
         logs: dict[str, float] = {"batch": float(len(indices))}
         if indices:  # an empty Poisson batch still takes a (noise-only) step, as the accountant assumes
-            losses = objective.per_sample_loss(_as_batch(members, indices), generator)
+            losses = objective.per_sample_loss(members.batch(indices), generator)
             losses.mean().backward()
             logs["loss"] = losses.mean().item()
             if check and not private.checked:  # the first non-empty Poisson batch after step 0
@@ -356,7 +351,7 @@ def _one_step(task: DiffusionTask, objective: Objective, private: PrivateTrainin
         private.step(empty_batch=not indices)
         return logs
     optimizer.zero_grad(set_to_none=True)
-    result = objective.step_loss(_as_batch(members, indices), generator)
+    result = objective.step_loss(members.batch(indices), generator)
     result.loss.backward()
     if check:
         dead = sum(1 for p in params if p.grad is None or not torch.any(p.grad != 0))

@@ -83,8 +83,7 @@ class ProxyAttacker(nn.Module):
 
 def _batch_of(data: ImageSet, batch_size: int, generator: torch.Generator) -> Batch:
     idx = torch.randint(0, len(data), (batch_size,), generator=generator).tolist()
-    sub = data.subset(idx)
-    return {"pixels": sub.pixels, "captions": sub.captions}
+    return data.batch(idx)
 
 
 class MinMaxObjective(Objective):
@@ -101,8 +100,7 @@ class MinMaxObjective(Objective):
             raise UserError("MP/SMP need auxiliary non-members: set data.aux > 0")
         self.options = options
         self.members, self.aux, self.batch_size = members, aux, batch_size
-        features = int(torch.tensor(task.sample_shape()).prod())
-        self.attacker = ProxyAttacker(features, options.hidden).to(task.device)
+        self.attacker = ProxyAttacker(task.attack_feature_size(), options.hidden).to(task.device)
         self.attacker_opt = torch.optim.Adam(self.attacker.parameters(), lr=options.attacker_lr,
                                              weight_decay=options.attacker_weight_decay)
 
@@ -110,10 +108,9 @@ class MinMaxObjective(Objective):
         raise NotImplementedError
 
     def step_loss(self, batch: Batch, generator: torch.Generator) -> StepLoss:
-        errors = self.task.squared_error(batch, generator).flatten(1)
-        adaptation = errors.mean()
-        member = torch.ones(errors.shape[0], dtype=torch.long, device=errors.device)
-        attack = F.cross_entropy(self.attacker(errors), member)
+        adaptation, features = self.task.adaptation_and_features(batch, generator)
+        member = torch.ones(features.shape[0], dtype=torch.long, device=features.device)
+        attack = F.cross_entropy(self.attacker(features), member)
         loss = self.combine(adaptation, attack)
         return StepLoss(loss, {"loss": adaptation.item(), "attacker_loss_members": attack.item(),
                                "objective": loss.item()})
