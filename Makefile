@@ -64,6 +64,7 @@ bench: $(STAMP) $(VENV)/.tesseract
 	$(PY) benchmarks/sanitize_quality.py
 	$(PY) benchmarks/pii_quality.py
 	$(PY) benchmarks/sanitize_throughput.py
+	$(PY) benchmarks/aggregation_exactness.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,0 +1,1 @@
+"""Federated LoRA (issue 6): aggregation rules so far; the Flower apps build on them."""
