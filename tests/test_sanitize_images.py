@@ -460,3 +460,14 @@ def test_one_file_in_gives_a_folder_with_its_copy_and_report(tmp_path):
     cleaned = (out / "records.csv").read_text()
     assert "jane@example.com" not in cleaned and "212-555-0187" not in cleaned and cleaned.startswith("id,note\n1,")
     assert table.read_text().count("jane@example.com") == 1
+
+
+def test_deep_images_keep_their_brightness(tmp_path):
+    """16-bit and float images are brought to 8 bits the way the training loader does, not darkened."""
+    cases = {"deep16.png": Image.fromarray(np.full((32, 32), 32768, np.uint16)),
+             "float.tif": Image.fromarray(np.full((32, 32), 0.5, np.float32), mode="F")}
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        ImageSanitizer(ImageOptions(faces=(), text=()))(tmp_path / name, tmp_path / f"out-{name}", name)
+        out = np.asarray(Image.open(tmp_path / f"out-{name}"))
+        assert abs(int(out.mean()) - 127) <= 1, (name, out.mean())

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from privlora.data.formats import IMAGE_SUFFIXES, to_8bit
 from privlora.data.imageset import ImageSet
 from privlora.errors import UserError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 METADATA = "metadata.jsonl"
 #: files privlora itself writes into a data folder, never images, never worth a warning
 SIDECARS = {METADATA, "canary.json", "sanitize_report.json"}
@@ -67,15 +67,7 @@ def _read_metadata(folder: Path) -> dict[str, str]:
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Any PIL mode → 'L' (1 channel) or 'RGB' (3 channels), 16-bit scaled down, alpha on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit modes always span 0..65535 (a dark 16-bit image must stay dark, not be stretched);
-        # plain 32-bit 'I' carries no depth, so values beyond 8 bits are taken as 16-bit
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr * 255.0 if arr.max() <= 1 else arr, 0, 255).astype(np.uint8))
+    img = to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

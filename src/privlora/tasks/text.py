@@ -139,23 +139,20 @@ class TextClassificationTask:
 
         from privlora.tasks.lora import PEFT_PREFIX, PEFT_WEIGHTS, lora_state_dict
 
+        if self.lora is None:
+            raise UserError("a text task without LoRA has no adapter to save")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        state = lora_state_dict(self.model) if self.lora is not None else {}
+        state = lora_state_dict(self.model)
         state.update({f"classifier.{k}": v.detach().cpu().contiguous()
                       for k, v in self.model.classifier.state_dict().items()})
         save_file({PEFT_PREFIX + k: v for k, v in state.items()}, str(out / PEFT_WEIGHTS),
                   metadata={"format": "pt", "privlora_base": str(self.base), "num_labels": str(self.num_labels)})
-        spec = self.lora or self._no_lora()
-        config = spec.peft_config()
+        config = self.lora.peft_config()
         config.base_model_name_or_path = str(self.base)
         config.task_type = "SEQ_CLS"
         config.modules_to_save = ["classifier"]
         config.save_pretrained(str(out))
-
-    @staticmethod
-    def _no_lora():
-        raise UserError("a text task without LoRA has no adapter to save")
 
     def load_adapter(self, path: str | Path) -> None:
         from privlora.tasks.lora import load_lora, read_lora

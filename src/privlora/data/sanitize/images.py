@@ -21,7 +21,6 @@ from privlora.data.sanitize.report import FileReport, Finding, SkipFile
 
 #: refuse images above this many pixels (decompression bombs); 8192×8192 by default
 MAX_PIXELS = 8192 * 8192
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps
 
+from privlora.data.formats import to_8bit
 from privlora.data.sanitize.report import Finding
 
 _GPS_IFD, _EXIF_IFD = 0x8825, 0x8769
@@ -96,9 +97,7 @@ def bare_pixels(img: Image.Image) -> Image.Image:
     elif img.mode in ("LA",):
         img = img.convert("RGBA")
     elif img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+        img = to_8bit(img)  # the same depth mapping as the training loader
     elif img.mode not in ("L", "RGB", "RGBA"):
         img = img.convert("RGB")  # CMYK, YCbCr, LAB, 1-bit …
     img = _to_srgb(img)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from privlora.data.formats import IMAGE_SUFFIXES
 from privlora.data.sanitize.dedup import DEFAULT_DISTANCE, clusters, distance
-from privlora.data.sanitize.images import IMAGE_SUFFIXES, ImageOptions, ImageSanitizer
+from privlora.data.sanitize.images import ImageOptions, ImageSanitizer
 from privlora.data.sanitize.report import CLEAN, DUPLICATE, SKIPPED, FileReport, Finding, SkipFile
 from privlora.data.sanitize.workers import default_workers, sanitize_images
 from privlora.errors import UserError

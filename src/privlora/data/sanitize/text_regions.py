@@ -57,8 +57,8 @@ class RapidOcrText:
             x0, y0 = np.floor(pts.min(axis=0)).astype(int)
             x1, y1 = np.ceil(pts.max(axis=0)).astype(int)
             boxes.append((int(x0), int(y0), int(x1), int(y1)))
-        to_read = [i for i, (x0, y0, x1, y1) in enumerate(boxes)
-                   if self.read or (x1 - x0) < WIDE * max(1, y1 - y0)]
+        wide = [(x1 - x0) >= WIDE * max(1, y1 - y0) for x0, y0, x1, y1 in boxes]
+        to_read = [i for i in range(len(boxes)) if self.read or not wide[i]]
         readings: dict[int, tuple[str, float]] = {}
         if to_read:
             crops = [bgr[max(0, boxes[i][1]):boxes[i][3], max(0, boxes[i][0]):boxes[i][2]] for i in to_read]
@@ -67,8 +67,7 @@ class RapidOcrText:
         found = []
         for i, box in enumerate(boxes):
             text, score = readings.get(i, (None, None))
-            wide = (box[2] - box[0]) >= WIDE * max(1, box[3] - box[1])
-            if not wide and (score is None or score < self.text_score or not (text or "").strip()):
+            if not wide[i] and (score is None or score < self.text_score or not (text or "").strip()):
                 continue
             found.append(Detection(box, "rapidocr", "text", score, text if self.read else None))
         return found
