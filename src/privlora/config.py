@@ -121,15 +121,138 @@ class TrainConfig(Strict):
         if "targets" not in self.lora.model_fields_set:
             update["lora"] = self.lora.model_copy(update={"targets": TEXT_TARGETS})
         return self.model_copy(update=update) if update else self
-        if "base" not in self.model_fields_set or self.base == "embedded":
-            self.base = "minilm"
-        if "source" not in self.data.model_fields_set:
-            self.data = self.data.model_copy(update={"source": "demo:tweets"})
-        if "targets" not in self.lora.model_fields_set:
-            self.lora = self.lora.model_copy(update={"targets": TEXT_TARGETS})
-        if self.lora.full_finetune:
-            raise ValueError("lora.full_finetune is for the image benchmark only, not the text task")
+
+
+class FedLoraOptions(Strict):
+    rank: int = Field(8, ge=1, le=384)
+    alpha: float = Field(16.0, gt=0)
+    targets: tuple[str, ...] = TEXT_TARGETS
+    #: FLoRA only: one rank per client (cycled), e.g. [4, 8, 16] — clients may differ
+    client_ranks: tuple[int, ...] | None = None
+    #: FedIT/FFA: {first round: rank}, e.g. {1: 8, 4: 16, 7: 4}; shrinking truncates BA by SVD
+    rank_schedule: dict[int, int] | None = None
+
+
+class FedDataOptions(Strict):
+    source: str = "demo:tweets"  # or a CSV/TSV/JSONL file with text,label
+    limit: int | None = Field(2000, ge=20)  # a seeded sample of the corpus (38k tweets)
+    test: float = Field(0.2, gt=0, lt=1)  # held by the server for the global model's accuracy
+    alpha: float | None = Field(0.5, gt=0)  # Dirichlet label skew across clients; null: IID
+
+
+class FedClientOptions(Strict):
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
+
+
+class FedDPOptions(Strict):
+    """Client-level DP: every client clips its upload and adds noise before it leaves the client."""
+
+    mechanism: Literal["none", "gaussian", "laplace"] = "none"
+    clip: float = Field(1.0, gt=0)  # L2 bound (gaussian) or L1 bound (laplace) of one client's upload
+    noise_multiplier: float | None = Field(None, gt=0)  # gaussian: σ (std = σ·clip)
+    target_epsilon: float | None = Field(None, gt=0)  # gaussian: find σ for this ε after all rounds
+    delta: float = Field(1e-5, gt=0, lt=1)
+    placement: Literal["local", "distributed"] = "local"  # distributed: σ·clip/√m per client, needs secagg
+    schedule: Literal["constant", "linear", "exponential"] = "linear"  # laplace: ε per round
+    epsilon_start: float = Field(4.0, gt=0)  # laplace: ε of round 1 (loose early)
+    epsilon_end: float = Field(1.0, gt=0)  # laplace: ε of the last round (strict late)
+
+    @model_validator(mode="after")
+    def _sigma(self) -> FedDPOptions:
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError("give dp.noise_multiplier or dp.target_epsilon, not both")
+        if self.mechanism == "gaussian" and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("dp.mechanism gaussian needs dp.noise_multiplier or dp.target_epsilon")
         return self
+
+
+class SecAggOptions(Strict):
+    """Flower's SecAgg+ (Bell et al. 2020): the server learns only the (weighted) sum of the uploads."""
+
+    enabled: bool = False
+    num_shares: float = Field(1.0, gt=0)  # fraction of clients (or count ≥ 3) each secret is shared with
+    reconstruction_threshold: float = Field(0.67, gt=0)  # shares needed to unmask a dropped client
+    clipping_range: float = Field(8.0, gt=0)  # every uploaded value must lie in ±this
+    quantization_range: int = Field(2**22, ge=2)
+    timeout: float | None = Field(600.0, gt=0)
+
+
+class FedHierarchyOptions(Strict):
+    edges: int = Field(0, ge=0)  # 0: flat; n: clients grouped into n edge aggregators, then the cloud
+
+
+class FedAsyncOptions(Strict):
+    """FedBuff (Nguyen et al. 2022): merge every ``buffer`` uploads; late ones are down-weighted."""
+
+    enabled: bool = False
+    buffer: int = Field(3, ge=1)  # uploads per server step
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    exponent: float = Field(0.5, ge=0)  # polynomial: weight (1 + staleness)^-exponent
+    max_staleness: int = Field(4, ge=0)  # older uploads are dropped
+
+
+class FedSimulationOptions(Strict):
+    """Faults and heterogeneity to rehearse in simulation (partition ids)."""
+
+    slow_clients: tuple[int, ...] = ()
+    slow_seconds: float = Field(2.0, ge=0)
+    crash_clients: tuple[int, ...] = ()
+    crash_from_round: int = Field(1, ge=1)
+    corrupt_clients: tuple[int, ...] = ()  # send NaN updates (the server must reject them)
+    #: resources per simulated client (Ray); 1 CPU each runs two clients at a time on 2 cores
+    client_cpus: float = Field(1.0, gt=0)
+
+
+class FederatedConfig(Strict):
+    name: str = "federated"
+    out: Path = Path("runs/federated")
+    seed: int = 0
+    quiet: bool = False
+    base: str = "minilm"
+    strategy: Literal["fedit", "ffa", "flora"] = "ffa"
+    rounds: int = Field(5, ge=1)
+    clients: int = Field(5, ge=2)
+    clients_per_round: int | None = Field(None, ge=1)  # None: every client every round
+    engine: Literal["simulation", "deployment"] = "simulation"
+    compression: Literal["none", "int8"] = "none"
+    sample_cap: float | None = Field(None, gt=0)  # a client's claimed sample count counts at most this
+    max_update_norm: float | None = Field(None, gt=0)  # reject larger uploads (DP: derived from clip)
+    round_timeout: float = Field(600.0, gt=0)  # a client that has not answered by then is dropped
+    lora: FedLoraOptions = FedLoraOptions()
+    data: FedDataOptions = FedDataOptions()
+    client: FedClientOptions = FedClientOptions()
+    dp: FedDPOptions = FedDPOptions()
+    secagg: SecAggOptions = SecAggOptions()
+    hierarchy: FedHierarchyOptions = FedHierarchyOptions()
+    asynchronous: FedAsyncOptions = FedAsyncOptions()
+    simulation: FedSimulationOptions = FedSimulationOptions()
+
+    @model_validator(mode="after")
+    def _compatible(self) -> FederatedConfig:
+        if self.clients_per_round is not None and self.clients_per_round > self.clients:
+            raise ValueError(f"clients_per_round {self.clients_per_round} > clients {self.clients}")
+        if self.secagg.enabled:
+            if self.strategy == "flora":
+                raise ValueError("secagg needs a summing strategy (fedit or ffa): FLoRA stacks each "
+                                 "client's factors, which a secure sum cannot hide")
+            if self.compression != "none":
+                raise ValueError("secagg quantises the uploads itself; set compression: none")
+            if self.asynchronous.enabled:
+                raise ValueError("secagg needs a synchronous round (asynchronous.enabled: false)")
+        if self.dp.placement == "distributed" and not self.secagg.enabled and self.dp.mechanism != "none":
+            raise ValueError("dp.placement distributed relies on secure aggregation: enable secagg or use local")
+        if self.lora.client_ranks is not None and self.strategy != "flora":
+            raise ValueError("lora.client_ranks (different ranks per client) needs strategy flora")
+        if self.lora.rank_schedule is not None and self.strategy == "flora":
+            raise ValueError("lora.rank_schedule is for fedit/ffa; FLoRA sets ranks with lora.client_ranks")
+        if self.asynchronous.enabled and self.hierarchy.edges:
+            raise ValueError("asynchronous aggregation and hierarchy cannot be combined")
+        return self
+
+    def per_round(self) -> int:
+        return self.clients_per_round or self.clients
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -194,8 +317,10 @@ def _clear_dotted(tree: dict[str, Any], dotted: str) -> None:
         node.pop(leaf, None)
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Load a train config from YAML (optional), apply dotted overrides, validate strictly.
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
+                model: type[BaseModel] = TrainConfig) -> Any:
+    """Load a config (``TrainConfig`` unless ``model`` says otherwise) from YAML (optional), apply dotted
+    overrides, validate strictly.
 
     ``None`` values are ignored (flag not given); :data:`CLEAR` removes the key.
     """
@@ -206,11 +331,11 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         elif value is not None:
             _set_dotted(tree, dotted, value)
     try:
-        return TrainConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as e:
         raise UserError(f"invalid config: {_describe(e)}") from None
 
 
-def dump_config(config: TrainConfig) -> str:
+def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML: exactly what ran, loadable by :func:`load_config`."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,133 @@
+"""The Flower apps: one ``ServerApp`` and one ``ClientApp`` for every engine.
+
+Simulation builds them in-process with :func:`server_app_for` / :func:`client_app_for` (the config is
+captured). The deployment engine imports the module-level ``server_app`` / ``client_app`` (or
+``secagg_client_app``) inside Flower's own processes; those read the run's config from the run config
+key ``privlora-config`` (JSON of a ``FederatedConfig``) and the output folder from ``privlora-workdir``.
+
+The round itself is Flower's ``DefaultWorkflow``. Its fit step is either Flower's ``SecAggPlusWorkflow``
+(secure aggregation) or :class:`TimedFitWorkflow` — the default fit step with a reply deadline, so a
+client that vanished mid-round (a killed SuperNode) costs one timeout, not the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, cast
+
+from flwr.client import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, Context, Message, MessageType
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+from privlora.config import FederatedConfig
+
+CONFIG_KEY = "privlora-config"
+WORKDIR_KEY = "privlora-workdir"
+
+
+class TimedFitWorkflow:
+    """Flower's default fit step, with ``timeout`` on the replies (clients that miss it are failures)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        import flwr.compat.common.recorddict_compat as compat  # Flower's record ↔ legacy converters
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+        ctx = cast(LegacyContext, context)
+        current_round = cast(int, ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        parameters = compat.arrayrecord_to_parameters(ctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+        instructions = ctx.strategy.configure_fit(server_round=current_round, parameters=parameters,
+                                                  client_manager=ctx.client_manager)
+        if not instructions:
+            return
+        proxies = {proxy.node_id: proxy for proxy, _ in instructions}
+        out = [Message(content=compat.fitins_to_recorddict(ins, True), dst_node_id=proxy.node_id,
+                       message_type=MessageType.TRAIN, group_id=str(current_round))
+               for proxy, ins in instructions]
+        replies = list(grid.send_and_receive(out, timeout=self.timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        results: list[Any] = []
+        failures: list[Any] = [TimeoutError(f"node {n} did not answer in {self.timeout:.0f} s")
+                               for n in proxies if n not in answered]
+        for msg in replies:
+            if msg.has_content():
+                res = compat.recorddict_to_fitres(msg.content, False)
+                (results if res.status.code == Code.OK else failures).append((proxies[msg.metadata.src_node_id], res))
+            else:
+                failures.append(Exception(msg.error))
+        new_parameters, metrics = ctx.strategy.aggregate_fit(current_round, results, failures)
+        if new_parameters:
+            ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(new_parameters, True)
+            ctx.history.add_metrics_distributed_fit(server_round=current_round, metrics=metrics)
+
+
+def fit_workflow(config: FederatedConfig) -> Any:
+    if config.secagg.enabled:
+        s = config.secagg
+        shares: int | float = int(s.num_shares) if s.num_shares >= 3 else float(min(s.num_shares, 1.0))
+        threshold: int | float = int(s.reconstruction_threshold) if s.reconstruction_threshold > 1 \
+            else float(s.reconstruction_threshold)
+        return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
+                                  max_weight=config.sample_cap or 1e6, clipping_range=s.clipping_range,
+                                  quantization_range=s.quantization_range, timeout=s.timeout)
+    return TimedFitWorkflow(config.round_timeout)
+
+
+def run_server(grid: Grid, context: Context, config: FederatedConfig, workdir: Path) -> None:
+    """The server's whole job: ``rounds`` rounds of the configured workflow."""
+    from privlora.federated.strategy import LoraStrategy
+
+    strategy = LoraStrategy(config, workdir)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy)
+    if config.asynchronous.enabled:
+        from privlora.federated.buffered import run_buffered
+
+        run_buffered(grid, legacy, strategy, config)
+    else:
+        DefaultWorkflow(fit_workflow=fit_workflow(config))(grid, legacy)
+
+
+def server_app_for(config: FederatedConfig, workdir: Path) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, context, config, workdir)
+
+    return app
+
+
+def _client_fn(config: FederatedConfig | None):
+    def client_fn(context: Context) -> Any:
+        from privlora.federated.client import LoraClient
+
+        cfg = config if config is not None else config_from(context.run_config)
+        return LoraClient(cfg, int(context.node_config["partition-id"])).to_client()
+
+    return client_fn
+
+
+def client_app_for(config: FederatedConfig) -> ClientApp:
+    return ClientApp(client_fn=_client_fn(config), mods=[secaggplus_mod] if config.secagg.enabled else [])
+
+
+def config_from(run_config: dict[str, Any]) -> FederatedConfig:
+    return FederatedConfig.model_validate(json.loads(str(run_config[CONFIG_KEY])))
+
+
+# --- deployment engine entry points (Flower imports these by "module:attribute") ---------------------
+server_app = ServerApp()
+
+
+@server_app.main()
+def _deployed_main(grid: Grid, context: Context) -> None:
+    run_server(grid, context, config_from(context.run_config), Path(str(context.run_config[WORKDIR_KEY])))
+
+
+client_app = ClientApp(client_fn=_client_fn(None))
+secagg_client_app = ClientApp(client_fn=_client_fn(None), mods=[secaggplus_mod])

@@ -1,0 +1,54 @@
+"""Who holds which samples: the server's test set and each client's non-IID partition.
+
+Server and clients compute the same split independently from the config (seeded), so nothing about a
+client's data — not even its sample ids — needs to travel. In a real deployment each client would
+load its own file instead (``data.source`` on that machine); the partition id then only names it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+from privlora.config import FederatedConfig
+from privlora.data.text import TextSet, load_text_dataset
+from privlora.errors import UserError
+from privlora.federated.partition import dirichlet_partition
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    train: TextSet  # the union of every client's data (clients only ever see their own part)
+    test: TextSet  # held by the server, never trained on
+    parts: list[list[int]]  # client partition id → indices into ``train``
+
+    def client(self, partition: int) -> TextSet:
+        if not 0 <= partition < len(self.parts):
+            raise UserError(f"partition {partition} does not exist (the run has {len(self.parts)} clients)")
+        return self.train.subset(self.parts[partition])
+
+
+def _key(config: FederatedConfig) -> tuple:
+    d = config.data
+    return (d.source, d.limit, d.test, d.alpha, config.clients, config.seed)
+
+
+@lru_cache(maxsize=4)
+def _load(key: tuple) -> FederatedData:
+    source, limit, test_fraction, alpha, clients, seed = key
+    data = load_text_dataset(source, limit=limit)
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(test_fraction * len(data)))
+    test, train = sorted(order[:n_test]), sorted(order[n_test:])
+    train_set = data.subset(train)
+    if len(train_set) < clients:
+        raise UserError(f"{len(train_set)} training samples cannot be split over {clients} clients")
+    parts = dirichlet_partition(train_set.labels, clients, alpha, seed=seed)
+    return FederatedData(train_set, data.subset(test), parts)
+
+
+def federated_data(config: FederatedConfig) -> FederatedData:
+    """The run's split (cached per process: every simulated client in a worker shares one copy)."""
+    return _load(_key(config))

@@ -1,0 +1,135 @@
+"""``federate(config)``: one federated training run, start to finish, on Flower's simulation or
+deployment engine, into a run directory (DESIGN.md) that appears complete or not at all.
+
+Flower's own success signals are not trusted (``flwr run`` exits 0 when clients crash; a simulation
+whose clients all fail still "finishes"): the run is judged by what the server wrote — one metrics
+line per round, the adapter and the privacy ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from privlora.config import FederatedConfig, dump_config
+from privlora.errors import UserError
+from privlora.progress import progress_bar
+from privlora.runs import atomic_dir
+
+OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+
+
+@dataclass(frozen=True)
+class FederatedResult:
+    run_dir: Path
+    rounds: list[dict[str, Any]]
+    privacy: dict[str, Any]
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.rounds[-1]
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _simulate(config: FederatedConfig, workdir: Path) -> None:
+    from flwr.simulation import run_simulation
+
+    from privlora.federated.app import client_app_for, server_app_for
+
+    cpus = max(1, os.cpu_count() or 1)
+    backend = {"client_resources": {"num_cpus": config.simulation.client_cpus, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR,
+                             "log_to_driver": False, "configure_logging": True}}
+    run_simulation(server_app=server_app_for(config, workdir), client_app=client_app_for(config),
+                   num_supernodes=config.clients, backend_config=backend, verbose_logging=False)
+
+
+def _deploy(config: FederatedConfig, workdir: Path) -> None:
+    from privlora.federated.app import CONFIG_KEY, WORKDIR_KEY
+    from privlora.federated.deployment import run_deployment, write_app_dir
+
+    client = "privlora.federated.app:secagg_client_app" if config.secagg.enabled else \
+        "privlora.federated.app:client_app"
+    run_config = {CONFIG_KEY: config.model_dump_json(), WORKDIR_KEY: str(workdir.resolve())}
+    app_dir = write_app_dir(workdir / "flower-app", serverapp="privlora.federated.app:server_app",
+                            clientapp=client, config=run_config)
+    run_deployment(app_dir, config.clients, run_config, log_dir=workdir / "logs",
+                   timeout_s=config.round_timeout * config.rounds + 300)
+
+
+ENGINES = {"simulation": _simulate, "deployment": _deploy}
+
+
+def _quiet_flower() -> None:
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def federate(config: FederatedConfig, *, overwrite: bool = True) -> FederatedResult:
+    """Run ``config.rounds`` federated rounds; returns the per-round metrics and the privacy ledger."""
+    os.environ.update(OFFLINE_ENV)
+    _quiet_flower()
+    from privlora.federated.data import federated_data
+
+    federated_data(config)  # bad data source / too few samples: fail before any engine starts
+    out = Path(config.out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    with atomic_dir(out) as work:
+        (work / "config.yaml").write_text(dump_config(config))
+        engine = ENGINES[config.engine]
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                engine(config, work)
+            except BaseException as e:  # re-raised in the calling thread
+                failure.append(e)
+
+        thread = threading.Thread(target=target, name="privlora-federate", daemon=True)
+        thread.start()
+        with progress_bar(f"federated {config.strategy}", total=config.rounds, quiet=config.quiet) as bar:
+            done = 0
+            while thread.is_alive():
+                thread.join(timeout=0.5)
+                rounds = [m for m in read_metrics(work / "metrics.jsonl") if m["round"] > 0]
+                for m in rounds[done:]:
+                    fields = {"acc": m["accuracy"]}
+                    if m.get("epsilon") is not None:
+                        fields["eps"] = m["epsilon"]
+                    bar.advance(1, **fields)
+                done = max(done, len(rounds))
+        if failure:
+            raise failure[0]
+        result = _check_results(config, work)
+        from privlora.federated.report import plot_metrics
+
+        plot_metrics(result.rounds, work / "metrics.png", title=f"{config.strategy} · {config.clients} clients")
+    return FederatedResult(out, result.rounds, result.privacy)
+
+
+def _check_results(config: FederatedConfig, work: Path) -> FederatedResult:
+    rounds = read_metrics(work / "metrics.jsonl")
+    done = [m for m in rounds if m["round"] > 0]
+    if len(done) < config.rounds or not (work / "adapter").is_dir() or not (work / "privacy.json").exists():
+        logs = work / "logs"
+        raise UserError(f"the federated run stopped after {len(done)} of {config.rounds} rounds"
+                        + (f"; see {logs}" if logs.exists() else "") + " (nothing was written to "
+                        f"{config.out})")
+    if all(m.get("accepted", 0) == 0 for m in done):
+        raise UserError("no client update was accepted in any round (all clients failed or were rejected); "
+                        f"nothing was written to {config.out}")
+    return FederatedResult(work, rounds, json.loads((work / "privacy.json").read_text()))
+
