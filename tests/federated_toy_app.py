@@ -4,7 +4,8 @@ The ServerApp sends one ``train`` message to every connected node for ``num-roun
 ClientApp replies with its ``partition-id`` (from the SuperNode's ``--node-config``) in a MetricRecord
 and an ArrayRecord. The ServerApp writes which partitions replied per round to ``results-path`` as
 JSON, plus the ``payload`` run-config value exactly as it arrived (to check that quoting survives).
-A node whose partition id is ``fail-partition`` raises instead of replying.
+A node whose partition id is ``fail-partition`` raises instead of replying; ``fail-server`` makes the
+ServerApp raise before it sends anything.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _wait_for_nodes(grid: Grid, want: int, timeout_s: float) -> list[int]:
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
+    if cfg["fail-server"]:
+        raise RuntimeError("toy ServerApp fails on purpose")
     nodes = _wait_for_nodes(grid, int(cfg["num-nodes"]), timeout_s=60)
     rounds: list[dict] = []
     for rnd in range(1, int(cfg["num-rounds"]) + 1):

@@ -68,12 +68,17 @@ class TimedFitWorkflow:
 
 def fit_workflow(config: FederatedConfig) -> Any:
     if config.secagg.enabled:
+        from privlora.federated.data import federated_data
+
         s = config.secagg
+        # SecAgg+ scales each upload by samples / max_weight before quantising it over ±clipping_range:
+        # max_weight far above the real counts would quantise the updates to nothing
+        max_weight = config.sample_cap or max(len(p) for p in federated_data(config).parts)
         shares: int | float = int(s.num_shares) if s.num_shares >= 3 else float(min(s.num_shares, 1.0))
         threshold: int | float = int(s.reconstruction_threshold) if s.reconstruction_threshold > 1 \
             else float(s.reconstruction_threshold)
         return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
-                                  max_weight=config.sample_cap or 1e6, clipping_range=s.clipping_range,
+                                  max_weight=float(max_weight), clipping_range=s.clipping_range,
                                   quantization_range=s.quantization_range, timeout=s.timeout)
     return TimedFitWorkflow(config.round_timeout)
 

@@ -25,17 +25,25 @@ from privlora.federated.data import federated_data
 from privlora.federated.rules import FLoRA, get_rule
 
 
-@lru_cache(maxsize=4)
-def _task(num_labels: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> Any:
+def _new_task(num_labels: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> Any:
     from privlora.tasks.text import TextClassificationTask, TextLora
 
     torch.set_num_threads(1)  # one client per core: threads inside a client only contend
     return TextClassificationTask(num_labels, lora=TextLora(rank=rank, alpha=alpha, targets=targets), seed=seed)
 
 
+_task = lru_cache(maxsize=4)(_new_task)
+
+
 def task_for(config: FederatedConfig, num_labels: int, rank: int) -> Any:
-    """The process's cached model for this rank (MiniLM loads once per worker, not once per round)."""
+    """The process's cached model for this rank (MiniLM loads once per worker, not once per round).
+    Its weights are whatever the last ``rule.load`` put there: load before use."""
     return _task(num_labels, rank, config.lora.alpha, tuple(config.lora.targets), config.seed)
+
+
+def fresh_task(config: FederatedConfig, num_labels: int, rank: int) -> Any:
+    """A newly initialised model (seeded LoRA A, zero B, seeded head): the run's starting point."""
+    return _new_task(num_labels, rank, config.lora.alpha, tuple(config.lora.targets), config.seed)
 
 
 def client_rank(config: FederatedConfig, partition: int, round_rank: int) -> int:
@@ -58,7 +66,7 @@ def local_train(task: Any, data: Any, config: FederatedConfig, seed: int) -> flo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return float(np.mean(losses))
 
 
@@ -102,12 +110,14 @@ class LoraClient(NumPyClient):
             held = rule.load(task.model, parameters)
         loss = local_train(task, local, cfg, seed)
         upload, norm = privatize(rule.upload(task.model, held), config)
-        if pid in faults.corrupt_clients:
-            upload = [np.full_like(a, np.nan) for a in upload]
         encoded = get_codec(cfg.compression).encode(upload)
+        if pid in faults.corrupt_clients:  # a client that bypasses our encoder (bug or attack): NaNs on the wire
+            encoded = [np.full_like(a, np.nan) if a.dtype.kind == "f" else a for a in encoded]
         metrics = {"partition": pid, "loss": loss, "update_norm": norm, "bytes_up": wire_bytes(encoded),
                    "train_seconds": time.perf_counter() - start}
-        return encoded, len(local), metrics
+        # the server caps counts anyway; under SecAgg+ it cannot see them, so the honest client caps its own
+        samples = min(len(local), int(cfg.sample_cap)) if cfg.sample_cap else len(local)
+        return encoded, samples, metrics
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         raise UserError("the server initialises the global adapter itself")

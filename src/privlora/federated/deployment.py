@@ -31,8 +31,10 @@ Flower 1.42 quirks this relies on (checked against the installed flwr, not the o
   the app's own results; :class:`RunOutcome` lists the SuperNode logs that show a ClientApp error.
 * Run-config overrides must name keys that exist in ``[tool.flwr.app.config]`` (Flower rejects others)
   and are passed as a TOML file (``--run-config overrides.toml``), not as ``key=value`` text: Flower
-  splits that text with a regex that breaks on JSON (spaces, quotes), while a TOML file carries any
-  string intact.
+  cuts that text with a regex, so JSON fails to parse unless wrapped in single quotes, and with a ``'``
+  inside it is silently truncated (``k='{"n": "it's"}'`` arrives as ``{"n": "it``). A TOML file
+  carries any string intact.
+* The ServerApp runs in a throw-away working directory: paths in the run config must be absolute.
 * ``flwr run`` checks that the components' modules can be found (``privlora`` is installed; a toy
   module must sit in the app dir) and the FAB leaves out ``test_*.py`` / ``*_test.py`` files.
 """
@@ -64,8 +66,7 @@ ConfigValue = str | int | float | bool
 CONNECTION = "privlora-local"  # the SuperLink connection's name in the throw-away $FLWR_HOME/config.toml
 START_TIMEOUT_S = 60.0  # for the SuperLink to listen and for all SuperNodes to come online
 _POLL_S = 0.5
-# lines a SuperNode or ClientApp logs when a ClientApp raised
-_CLIENTAPP_ERROR = re.compile(r"ClientApp raised an exception|Traceback \(most recent call last\)")
+_CLIENTAPP_ERROR = "ClientApp raised an exception"  # what a SuperNode logs when its ClientApp raised
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ class _Processes:
         self.seen: dict[int, psutil.Process] = {}
 
     def start(self, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-        out = log.open("ab")
+        out = log.open("wb")  # not appended to: the log is read to find this run's node ids and run id
         self.logs.append(out)
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=self.env, cwd=self.cwd)
@@ -232,10 +233,6 @@ class _Processes:
         for out in self.logs:
             out.close()
 
-    @property
-    def pids(self) -> list[int]:
-        return sorted(self.seen)
-
 
 def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
     """Whether ``proc`` itself (not some other process that has the port) listens on ``port``."""
@@ -246,9 +243,17 @@ def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
     return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
 
 
+def _last_error(log: Path) -> str:
+    """The last line of ``log`` that reports an error, without colour codes ("" if none)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(encoding="utf-8", errors="replace")).splitlines()
+    hit = next((ln for ln in reversed(lines) if re.search(r"\bERROR\b|^\w*(Error|Exception):", ln)), "")
+    return " ".join(hit.split())[:200]
+
+
 def _check_alive(proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
     if proc.poll() is not None:
-        raise UserError(f"{what} exited with code {proc.returncode}; see {log}")
+        error = _last_error(log)
+        raise UserError(f"{what} exited with code {proc.returncode}{': ' + error if error else ''}; see {log}")
 
 
 def _flwr_json(args: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> dict:
@@ -259,11 +264,6 @@ def _flwr_json(args: list[str], env: dict[str, str], cwd: Path, timeout_s: float
         return json.loads(res.stdout)
     except (subprocess.TimeoutExpired, json.JSONDecodeError):
         return {}
-
-
-def _online_nodes(env: dict[str, str], cwd: Path) -> int:
-    nodes = _flwr_json(["supernode", "ls", CONNECTION], env, cwd, timeout_s=30).get("nodes", [])
-    return sum(1 for n in nodes if n.get("status") == "online")
 
 
 def _run_status(run_id: int, env: dict[str, str], cwd: Path) -> tuple[str, str]:
@@ -283,6 +283,7 @@ def _child_env(flwr_home: Path, extra_env: Mapping[str, str] | None) -> dict[str
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
         "NO_COLOR": "1",
+        "COLUMNS": "200",  # the flwr CLI wraps its error messages at the terminal width
         # flower-superexec, flwr-serverapp and flwr-clientapp are found on PATH: this environment's first
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
@@ -297,24 +298,18 @@ def _remaining(deadline: float) -> float:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def _start_superlink(procs: _Processes, tmp: Path, log_dir: Path, deadline: float) -> int:
-    """Start the SuperLink and return its (single HTTP) port once it listens on it."""
+def _start_superlink(procs: _Processes, tmp: Path, log_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the SuperLink on a free port (its Fleet, Control and Runtime APIs all share it)."""
     (port,) = _free_ports(1)
-    log = log_dir / "superlink.log"
     proc = procs.start([_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                        "--database", str(tmp / "superlink.db"), "--disable-runtime-dependency-installation"], log)
-    start_deadline = min(deadline, time.monotonic() + START_TIMEOUT_S)
-    while not _listening(proc, port):
-        _check_alive(proc, "flower-superlink", log)
-        if _remaining(start_deadline) <= 0:
-            raise UserError(f"flower-superlink did not listen on port {port} in time; see {log}")
-        time.sleep(0.2)
-    return port
+                        "--database", str(tmp / "superlink.db"), "--disable-runtime-dependency-installation"],
+                       log_dir / "superlink.log")
+    return proc, port
 
 
-def _start_supernodes(procs: _Processes, n: int, superlink_port: int, partition_key: str, log_dir: Path,
-                      deadline: float) -> list[tuple[subprocess.Popen[bytes], Path]]:
-    """Start ``n`` SuperNodes and wait until the SuperLink lists all of them online."""
+def _start_supernodes(procs: _Processes, n: int, superlink_port: int, partition_key: str,
+                      log_dir: Path) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """Start ``n`` SuperNodes (they keep retrying until the SuperLink answers)."""
     nodes = []
     for i, port in enumerate(_free_ports(n)):
         log = log_dir / f"supernode-{i}.log"
@@ -322,17 +317,35 @@ def _start_supernodes(procs: _Processes, n: int, superlink_port: int, partition_
                             f"127.0.0.1:{superlink_port}", "--host", "127.0.0.1", "--port", str(port),
                             "--node-config", f"{partition_key}={i} num-partitions={n}"], log)
         nodes.append((proc, log))
+    return nodes
+
+
+def _activated_nodes(superlink_log: Path) -> int:
+    """How many distinct SuperNodes the SuperLink has activated, from its log. (``flwr supernode ls`` says
+    the same but each call is a CLI start-up of several seconds while the SuperNodes start.)"""
+    text = superlink_log.read_text(encoding="utf-8", errors="replace")
+    return len(set(re.findall(r"Activated node_id=(\d+)", text)))
+
+
+def _wait_until_up(procs: _Processes, watched: list[tuple[subprocess.Popen[bytes], str, Path]], port: int,
+                   log_dir: Path, deadline: float) -> None:
+    """Wait until the SuperLink (``watched[0]``) listens on ``port`` and has activated every SuperNode
+    (the rest of ``watched``)."""
+    superlink, n = watched[0][0], len(watched) - 1
     start_deadline = min(deadline, time.monotonic() + START_TIMEOUT_S)
     while True:
-        for i, (proc, log) in enumerate(nodes):
-            _check_alive(proc, f"flower-supernode {i}", log)
-        online = _online_nodes(procs.env, procs.cwd)
-        procs.refresh()
-        if online >= n:
-            return nodes
+        for proc, what, log in watched:
+            _check_alive(proc, what, log)
+        listening = _listening(superlink, port)
+        online = _activated_nodes(log_dir / "superlink.log") if listening else 0
+        if listening and online >= n:
+            return
         if _remaining(start_deadline) <= 0:
+            if not listening:
+                raise UserError(f"flower-superlink did not listen on port {port} in time; see {watched[0][2]}")
             raise UserError(f"only {online} of {n} SuperNodes came online in time; see {log_dir}/supernode-*.log")
-        time.sleep(_POLL_S)
+        procs.refresh()
+        time.sleep(0.2)
 
 
 def _submit_and_wait(procs: _Processes, app_dir: Path, run_config: Mapping[str, ConfigValue], tmp: Path,
@@ -355,9 +368,63 @@ def _submit_and_wait(procs: _Processes, app_dir: Path, run_config: Mapping[str, 
     text = log.read_text(encoding="utf-8", errors="replace")
     match = re.search(r"Successfully started run (\d+)", text)
     if proc.returncode != 0 or match is None:
-        last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
-        raise UserError(f"flwr run failed (exit code {proc.returncode}): {last[:300]}; see {log}")
+        raise UserError(f"flwr run failed (exit code {proc.returncode}): {_cli_error(text)}; see {log}")
     return int(match.group(1))
+
+
+def _cli_error(text: str) -> str:
+    """The message of a failed ``flwr`` command: the text of its boxed "Error" panel, else its last line."""
+    box = "".join(re.findall(r"^│(.*)│\s*$", text, flags=re.MULTILINE))
+    message = " ".join(box.split()) or next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+    return (message or "no output")[:300]
+
+
+_FIND_MODULES = """
+import importlib.util, sys
+sys.path.insert(0, sys.argv[1])
+for name in sys.argv[2:]:
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except Exception:
+        found = False
+    if not found:
+        print(name)
+"""
+
+
+def _flat_keys(table: Mapping[str, object], prefix: str = "") -> set[str]:
+    """The run-config keys Flower makes of a (possibly nested) ``[tool.flwr.app.config]`` table."""
+    keys: set[str] = set()
+    for k, v in table.items():
+        keys |= _flat_keys(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}"}
+    return keys
+
+
+def _check_app(app_dir: Path, run_config: Mapping[str, ConfigValue], env: dict[str, str]) -> None:
+    """Fail before starting anything when the run config names keys the app does not declare, or a
+    component's module cannot be imported in the processes' environment (``flwr run`` checks both too,
+    but only after the SuperLink and SuperNodes are up)."""
+    pyproject = app_dir / "pyproject.toml"
+    try:
+        with pyproject.open("rb") as f:
+            app = tomllib.load(f)["tool"]["flwr"]["app"]
+        refs = {what: str(app["components"][what]) for what in ("serverapp", "clientapp")}
+        declared = _flat_keys(app.get("config", {}))
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{pyproject} is not a Flower App's pyproject.toml with [tool.flwr.app.components] "
+                        f"serverapp and clientapp ({type(err).__name__}: {err}); write it with write_app_dir") from err
+    unknown = sorted(set(run_config) - declared)
+    if unknown:
+        raise UserError(f"run-config keys {unknown} are not in [tool.flwr.app.config] of {pyproject} "
+                        f"(Flower only overrides declared keys; it declares {sorted(declared)})")
+    modules = sorted({ref.partition(":")[0] for ref in refs.values()})
+    res = subprocess.run([sys.executable, "-c", _FIND_MODULES, str(app_dir), *modules], env=env, cwd=app_dir,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    missing = res.stdout.split()
+    if missing or res.returncode != 0:
+        detail = " ".join(res.stderr.split())[-200:]
+        raise UserError(f"Flower App {app_dir}: cannot import {', '.join(missing or modules)} (components "
+                        f"{refs['serverapp']!r}, {refs['clientapp']!r}){': ' + detail if detail else ''}")
 
 
 def run_deployment(app_dir: Path, num_supernodes: int, run_config: Mapping[str, ConfigValue], *, log_dir: Path,
@@ -371,8 +438,6 @@ def run_deployment(app_dir: Path, num_supernodes: int, run_config: Mapping[str, 
     ``timeout_s`` (all in). Every process started here is stopped before this returns or raises.
     ``extra_env`` is added to every process's environment (e.g. ``PYTHONPATH``)."""
     app_dir = Path(app_dir).resolve()
-    if not (app_dir / "pyproject.toml").is_file():
-        raise UserError(f"{app_dir} is not a Flower App directory (no pyproject.toml): write it with write_app_dir")
     if num_supernodes < 1:
         raise UserError(f"need at least one SuperNode, got {num_supernodes}")
     log_dir = Path(log_dir)
@@ -383,27 +448,29 @@ def run_deployment(app_dir: Path, num_supernodes: int, run_config: Mapping[str, 
     flwr_home.mkdir()
     procs = _Processes(_child_env(flwr_home, extra_env), cwd=tmp)
     try:
-        port = _start_superlink(procs, tmp, log_dir, deadline)
+        _check_app(app_dir, run_config, procs.env)
+        superlink, port = _start_superlink(procs, tmp, log_dir)
         (flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
-        superlink = procs.roots[0]
-        nodes = _start_supernodes(procs, num_supernodes, port, partition_key, log_dir, deadline)
         watched = [(superlink, "flower-superlink", log_dir / "superlink.log")]
+        # SuperNodes started before the SuperLink listens back off for seconds between their retries
+        _wait_until_up(procs, watched, port, log_dir, deadline)
+        nodes = _start_supernodes(procs, num_supernodes, port, partition_key, log_dir)
         watched += [(p, f"flower-supernode {i}", log) for i, (p, log) in enumerate(nodes)]
+        _wait_until_up(procs, watched, port, log_dir, deadline)
         run_id = _submit_and_wait(procs, app_dir, run_config, tmp, log_dir, deadline, watched)
-        # the log stream has ended; the status may lag a moment behind
-        while True:
-            status, details = _run_status(run_id, procs.env, procs.cwd)
-            if status.startswith("finished"):
-                break
+        # the log stream has ended, so the run has; its status may lag a moment behind
+        status_deadline = min(deadline, time.monotonic() + START_TIMEOUT_S)
+        while not (status_details := _run_status(run_id, procs.env, procs.cwd))[0].startswith("finished"):
             _check_alive(superlink, "flower-superlink", log_dir / "superlink.log")
-            if _remaining(deadline) <= 0:
-                raise UserError(f"run {run_id} did not finish in time (status {status!r}); see {log_dir}")
+            if _remaining(status_deadline) <= 0:
+                raise UserError(f"run {run_id} did not report finished (status {status_details[0]!r}); see {log_dir}")
             time.sleep(_POLL_S)
+        status, details = status_details
         if status != "finished:completed":
             raise UserError(f"Flower run {run_id} ended {status} ({details}); see {log_dir / 'flwr-run.log'}")
-        errors = tuple(log for _, log in nodes if _CLIENTAPP_ERROR.search(log.read_text(errors="replace")))
+        errors = tuple(log for _, log in nodes if _CLIENTAPP_ERROR in log.read_text(errors="replace"))
         return RunOutcome(run_id=run_id, status=status, details=details, clientapp_errors=errors)
     finally:
         procs.stop()

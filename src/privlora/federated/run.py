@@ -57,24 +57,31 @@ def _simulate(config: FederatedConfig, workdir: Path) -> None:
 
 
 def _deploy(config: FederatedConfig, workdir: Path) -> None:
+    import tempfile
+
     from privlora.federated.app import CONFIG_KEY, WORKDIR_KEY
     from privlora.federated.deployment import run_deployment, write_app_dir
 
     client = "privlora.federated.app:secagg_client_app" if config.secagg.enabled else \
         "privlora.federated.app:client_app"
     run_config = {CONFIG_KEY: config.model_dump_json(), WORKDIR_KEY: str(workdir.resolve())}
-    app_dir = write_app_dir(workdir / "flower-app", serverapp="privlora.federated.app:server_app",
-                            clientapp=client, config=run_config)
-    run_deployment(app_dir, config.clients, run_config, log_dir=workdir / "logs",
-                   timeout_s=config.round_timeout * config.rounds + 300)
+    with tempfile.TemporaryDirectory(prefix="privlora-app-") as app:
+        # Flower only accepts run-config keys the app declares: declare ours with empty defaults
+        app_dir = write_app_dir(Path(app), serverapp="privlora.federated.app:server_app", clientapp=client,
+                                config={CONFIG_KEY: "{}", WORKDIR_KEY: ""})
+        run_deployment(app_dir, config.clients, run_config, log_dir=workdir / "logs",
+                       timeout_s=config.round_timeout * config.rounds + 300)
 
 
 ENGINES = {"simulation": _simulate, "deployment": _deploy}
 
 
 def _quiet_flower() -> None:
-    for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Flower logs every round at INFO; our progress bar and metrics say the same. Warnings stay."""
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(level=logging.WARNING, timestamps=False, colored=False)
+    logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def federate(config: FederatedConfig, *, overwrite: bool = True) -> FederatedResult:

@@ -30,7 +30,7 @@ from flwr.server.strategy import Strategy
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
 from privlora.federated import aggregation, client_privacy
-from privlora.federated.client import task_for
+from privlora.federated.client import fresh_task, task_for
 from privlora.federated.compression import get_codec
 from privlora.federated.data import federated_data
 from privlora.federated.partition import sample_clients
@@ -172,8 +172,9 @@ class LoraStrategy(Strategy):
     # --- Strategy interface --------------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        task = task_for(self.config, self.num_labels, self.rank)
-        # the seeded initial A is the FFA-LoRA "shared seed": every client receives the same frozen A
+        # a fresh model, not the process's cached one (an earlier run in this process has changed that):
+        # the seeded initial A is the FFA-LoRA "shared seed", every client receives the same frozen A
+        task = fresh_task(self.config, self.num_labels, self.rank)
         self.state = self.rule.initial_state(task.model)
         return ndarrays_to_parameters(self.state)
 
@@ -190,13 +191,17 @@ class LoraStrategy(Strategy):
         if len(by_node) < wanted:
             wanted = len(by_node)
         chosen = sample_clients(sorted(by_node), wanted, seed=self.config.seed, round_number=server_round)
-        params = ndarrays_to_parameters(self.state)
+        ins = self.fit_ins(server_round)
+        self.round_log = {"round": server_round, "rank": self.rank, "sampled": len(chosen),
+                          "bytes_down_per_client": sum(len(t) for t in ins.parameters.tensors),
+                          "round_started": time.perf_counter()}
+        return [(by_node[n], ins) for n in chosen]
+
+    def fit_ins(self, server_round: int) -> FitIns:
+        """What every client of this round receives: the global state and the round's instructions."""
         instructions: dict[str, Scalar] = {"round": server_round, "rank": self.rank,
                                            **self.privacy.instructions(server_round)}
-        self.round_log = {"round": server_round, "rank": self.rank, "sampled": len(chosen),
-                          "bytes_down_per_client": sum(len(t) for t in params.tensors),
-                          "round_started": time.perf_counter()}
-        return [(by_node[n], FitIns(params, dict(instructions))) for n in chosen]
+        return FitIns(ndarrays_to_parameters(self.state), instructions)
 
     def _check(self, upload: list[np.ndarray], expected: list[tuple[int, ...]] | None) -> str | None:
         """Why this decoded upload is rejected, or None."""
@@ -238,18 +243,31 @@ class LoraStrategy(Strategy):
         log["epsilon"] = self.privacy.record(server_round, accepted)
         return ndarrays_to_parameters(self.state), {"accepted": accepted}
 
+    def decode_checked(self, res: FitRes) -> tuple[list[np.ndarray] | None, str | None]:
+        """A client's decoded upload, or None and why it is rejected."""
+        try:
+            upload = self.codec.decode(parameters_to_ndarrays(res.parameters))
+        except (UserError, ValueError) as e:
+            return None, str(e)
+        reason = self._check(upload, None if isinstance(self.rule, FLoRA) else self.rule.upload_shapes(self.state))
+        return (None, reason) if reason is not None else (upload, None)
+
+    def merge_uploads(self, uploads: list[list[np.ndarray]], p: torch.Tensor, partitions: list[int],
+                      log: dict[str, Any]) -> None:
+        """Fold weighted uploads (weights ``p``) into the global state, through the edges if configured."""
+        edges = self.config.hierarchy.edges
+        if edges and self.rule.sum_based:
+            self.state = self.rule.apply_mean(self.state, hierarchical_mean(uploads, p, partitions, edges))
+            log["edges"] = len({k % edges for k in partitions})
+        else:
+            self.state = self.rule.merge(self.state, uploads, p)
+
     def _merge_checked(self, results: list[tuple[ClientProxy, FitRes]], log: dict[str, Any]) -> int:
-        expected = None if isinstance(self.rule, FLoRA) else self.rule.upload_shapes(self.state)
         uploads, counts, partitions, rejected = [], [], [], []
         for proxy, res in results:
             who = int(res.metrics.get("partition", -1))
-            try:
-                upload = self.codec.decode(parameters_to_ndarrays(res.parameters))
-            except (UserError, ValueError) as e:
-                rejected.append({"client": who, "node": proxy.node_id, "reason": str(e)})
-                continue
-            reason = self._check(upload, expected)
-            if reason is not None:
+            upload, reason = self.decode_checked(res)
+            if upload is None:
                 rejected.append({"client": who, "node": proxy.node_id, "reason": reason})
                 continue
             uploads.append(upload)
@@ -257,15 +275,8 @@ class LoraStrategy(Strategy):
             partitions.append(who)
         log["rejected"] = rejected
         log["accepted"] = len(uploads)
-        if not uploads:
-            return 0
-        p = aggregation.weights(counts, self.config.sample_cap)
-        edges = self.config.hierarchy.edges
-        if edges and self.rule.sum_based:
-            self.state = self.rule.apply_mean(self.state, hierarchical_mean(uploads, p, partitions, edges))
-            log["edges"] = len({k % edges for k in partitions})
-        else:
-            self.state = self.rule.merge(self.state, uploads, p)
+        if uploads:
+            self.merge_uploads(uploads, aggregation.weights(counts, self.config.sample_cap), partitions, log)
         return len(uploads)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
