@@ -114,6 +114,7 @@ def run_buffered(grid: Grid, context: LegacyContext, strategy: Any, config: Fede
             version += 1
             log["accepted"] = len(take)
             log["staleness"] = [b[3] for b in take]
+            log["clients"] = [b[2] for b in take]
             log["epsilon"] = strategy.privacy.record(version, len(take))
             strategy.round_log = log
             strategy.evaluate(version, None)
