@@ -3,7 +3,7 @@
 # same 32 private faces, then audit all three against the same 36 evaluation non-members with every
 # attack (two reference adapters for LiRA/RMIA, shared) and write one comparison report + terminal table.
 # Outputs under demo/: demo/{plain,smp,dp}/ run directories, demo/references/, demo/report.html; first, a
-# sanitize example (demo/sanitize/, demo/sanitize-before-after.png).
+# sanitize example (demo/sanitize/, demo/sanitize-before-after.png); last, a short federated run (demo/federated/).
 set -euo pipefail
 PRIVLORA=.venv/bin/privlora
 rm -rf demo
@@ -18,4 +18,6 @@ done
 # the shared reference adapters are trained with the plain run's recipe, then reused for SMP and DP
 $PRIVLORA audit --run demo/plain --run demo/smp --run demo/dp --references 2 --reference-dir demo/references \
   --report demo/report.html
+# issue 6: federated FFA-LoRA on Flower's simulation engine, 5 non-IID banks/clinics of tweets, 3 rounds
+$PRIVLORA federate --config configs/fed-ffa.yaml --rounds 3 --out demo/federated
 echo "demo done in $(( $(date +%s) - start ))s: open demo/report.html (per-image scores in demo/*/audit/scores.csv)"

@@ -252,6 +252,9 @@ class FederatedConfig(Strict):
         if self.asynchronous.enabled and self.dp.mechanism != "none":
             raise ValueError("asynchronous aggregation cannot be combined with dp: fast clients contribute more "
                              "often than the accountant's client sampling assumes")
+        if self.hierarchy.edges and self.secagg.enabled and self.per_round() < 2 * self.hierarchy.edges:
+            raise ValueError(f"secure aggregation inside {self.hierarchy.edges} edges needs at least "
+                             f"{2 * self.hierarchy.edges} clients per round (2 per edge)")
         if self.hierarchy.edges and self.strategy == "flora":
             raise ValueError("hierarchy.edges needs a summing strategy (fedit or ffa)")
         if self.asynchronous.enabled and self.hierarchy.edges:

@@ -1,1 +1,1 @@
-"""Federated LoRA (issue 6): aggregation rules so far; the Flower apps build on them."""
+"""Federated LoRA on Flower (issue 6): ``privlora federate`` → :func:`privlora.federated.run.federate`."""

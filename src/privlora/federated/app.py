@@ -66,21 +66,50 @@ class TimedFitWorkflow:
             ctx.history.add_metrics_distributed_fit(server_round=current_round, metrics=metrics)
 
 
-def fit_workflow(config: FederatedConfig) -> Any:
-    if config.secagg.enabled:
-        from privlora.federated.data import federated_data
+class EdgeSecAggWorkflow:
+    """Client → edge → cloud with SecAgg+ inside every edge: one SecAgg+ protocol per edge (each edge
+    learns only its region's sum), then the cloud averages the edges' means."""
 
-        s = config.secagg
-        # SecAgg+ scales each upload by samples / max_weight before quantising it over ±clipping_range:
-        # max_weight far above the real counts would quantise the updates to nothing
-        max_weight = config.sample_cap or max(len(p) for p in federated_data(config).parts)
-        shares: int | float = int(s.num_shares) if s.num_shares >= 3 else float(min(s.num_shares, 1.0))
-        threshold: int | float = int(s.reconstruction_threshold) if s.reconstruction_threshold > 1 \
-            else float(s.reconstruction_threshold)
-        return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
-                                  max_weight=float(max_weight), clipping_range=s.clipping_range,
-                                  quantization_range=s.quantization_range, timeout=s.timeout)
+    def __init__(self, config: FederatedConfig, inner: Any) -> None:
+        self.config = config
+        self.inner = inner
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+
+        ctx = cast(LegacyContext, context)
+        strategy = ctx.strategy
+        current_round = cast(int, ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        try:
+            for edge in range(self.config.hierarchy.edges):
+                strategy.edge = edge
+                self.inner(grid, context)
+        finally:
+            strategy.edge = None
+        strategy.merge_edges(current_round)
+
+
+def fit_workflow(config: FederatedConfig) -> Any:
+    if config.secagg.enabled and config.hierarchy.edges:
+        return EdgeSecAggWorkflow(config, _secagg_workflow(config))
+    if config.secagg.enabled:
+        return _secagg_workflow(config)
     return TimedFitWorkflow(config.round_timeout)
+
+
+def _secagg_workflow(config: FederatedConfig) -> Any:
+    from privlora.federated.data import federated_data
+
+    s = config.secagg
+    # SecAgg+ scales each upload by samples / max_weight before quantising it over ±clipping_range:
+    # max_weight far above the real counts would quantise the updates to nothing
+    max_weight = config.sample_cap or max(len(p) for p in federated_data(config).parts)
+    shares: int | float = int(s.num_shares) if s.num_shares >= 3 else float(min(s.num_shares, 1.0))
+    threshold: int | float = int(s.reconstruction_threshold) if s.reconstruction_threshold > 1 \
+        else float(s.reconstruction_threshold)
+    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
+                              max_weight=float(max_weight), clipping_range=s.clipping_range,
+                              quantization_range=s.quantization_range, timeout=s.timeout)
 
 
 def run_server(grid: Grid, context: Context, config: FederatedConfig, workdir: Path) -> None:

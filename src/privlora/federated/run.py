@@ -82,6 +82,17 @@ def _quiet_flower() -> None:
 
     update_console_handler(level=logging.WARNING, timestamps=False, colored=False)
     logging.getLogger("ray").setLevel(logging.WARNING)
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _NoDeprecationNotices) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_NoDeprecationNotices())
+
+
+class _NoDeprecationNotices(logging.Filter):
+    """Flower 1.42 warns that ``run_simulation`` and the legacy strategy API are deprecated: true, and
+    known (SecAgg+ exists only there, docs/architecture.md), and not something a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "deprecated" not in record.getMessage().lower()
 
 
 def federate(config: FederatedConfig, *, overwrite: bool = True) -> FederatedResult:

@@ -73,10 +73,15 @@ class PrivacyPlan:
             lo, hi = (mid, hi) if eps(mid) > dp.target_epsilon else (lo, mid)
         return hi
 
+    def noise_group(self) -> int:
+        """How many clients' distributed noise adds up in one released sum: the round's clients, or one
+        edge's share of them when edges aggregate (each edge's sum must carry σC on its own)."""
+        return max(1, self.config.per_round() // max(1, self.config.hierarchy.edges))
+
     def instructions(self, round_number: int) -> dict[str, Scalar]:
         dp = self.config.dp
         if self.mechanism == "gaussian":
-            std = client_privacy.noise_std(self.sigma, dp.clip, self.config.per_round(), dp.placement)
+            std = client_privacy.noise_std(self.sigma, dp.clip, self.noise_group(), dp.placement)
             return {"mechanism": "gaussian", "clip": dp.clip, "noise_std": std}
         if self.mechanism == "laplace":
             eps = self.schedule[round_number - 1]
@@ -86,7 +91,7 @@ class PrivacyPlan:
     def max_norm(self, dims: int) -> float | None:
         """The largest L2 norm an honest upload can have (None: no bound)."""
         if self.mechanism == "gaussian":
-            std = client_privacy.noise_std(self.sigma, self.config.dp.clip, self.config.per_round(),
+            std = client_privacy.noise_std(self.sigma, self.config.dp.clip, self.noise_group(),
                                            self.config.dp.placement)
             return self.config.dp.clip + std * (math.sqrt(dims) + NOISE_NORM_SLACK)
         if self.mechanism == "none":
@@ -98,8 +103,10 @@ class PrivacyPlan:
         if survivors == 0 or self.mechanism == "none":
             return self.spent()
         if self.mechanism == "gaussian":
+            edges = max(1, self.config.hierarchy.edges)
             sigma = client_privacy.effective_noise_multiplier(self.sigma, self.config.dp.placement,
-                                                              self.config.per_round(), survivors)
+                                                              self.noise_group(),
+                                                              max(1, min(self.noise_group(), survivors // edges)))
             self.history.append((sigma, self.sample_rate))
         else:
             self.laplace_eps.append(self.schedule[round_number - 1])
@@ -151,6 +158,9 @@ class LoraStrategy(Strategy):
         self.state: list[np.ndarray] = []
         self.rank = self._scheduled_rank(1)
         self.round_log: dict[str, Any] = {}
+        self.edge: int | None = None  # set by EdgeSecAggWorkflow while it runs one edge's SecAgg+
+        self.edge_means: list[tuple[list[np.ndarray], float, int]] = []
+        self._round_sample: tuple[dict, list[int]] | None = None
         self.started = time.perf_counter()
 
     # --- helpers -------------------------------------------------------------------------------------
@@ -180,6 +190,13 @@ class LoraStrategy(Strategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """This round's sampled clients and what they receive. With secure aggregation inside edges
+        (:class:`EdgeSecAggWorkflow`) it is called once per edge and returns that edge's share of one
+        sample drawn at the round's first call."""
+        if self.edge is not None and self.edge > 0 and self._round_sample:
+            by_node, chosen = self._round_sample
+            ins = self.fit_ins(server_round)
+            return [(by_node[n], ins) for n in chosen if edge_of(n, by_node, self.config.hierarchy.edges) == self.edge]
         rank = self._scheduled_rank(server_round)
         if rank != self.rank:
             self.state = self.rule.resize(self.state, rank, seed=self.config.seed + server_round)
@@ -195,6 +212,9 @@ class LoraStrategy(Strategy):
         self.round_log = {"round": server_round, "rank": self.rank, "sampled": len(chosen),
                           "bytes_down_per_client": sum(len(t) for t in ins.parameters.tensors),
                           "round_started": time.perf_counter()}
+        if self.edge is not None:
+            self._round_sample = (by_node, chosen)
+            return [(by_node[n], ins) for n in chosen if edge_of(n, by_node, self.config.hierarchy.edges) == 0]
         return [(by_node[n], ins) for n in chosen]
 
     def fit_ins(self, server_round: int) -> FitIns:
@@ -227,11 +247,21 @@ class LoraStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         log = self.round_log
-        log["failures"] = len(failures)
-        log["bytes_up_per_client"] = (float(np.mean([sum(len(t) for t in r.parameters.tensors)
-                                                     for _, r in results])) if results else 0.0)
+        log["failures"] = log.get("failures", 0) + len(failures) if self.edge else len(failures)
+        if self.config.secagg.enabled:
+            # the FitRes parameters all hold the secure mean; the clients' own payload size is their metric
+            sizes = [float(r.metrics.get("bytes_up", math.nan)) for _, r in results]
+        else:
+            sizes = [float(sum(len(t) for t in r.parameters.tensors)) for _, r in results]
+        log["bytes_up_per_client"] = float(np.mean(sizes)) if sizes else 0.0
         log["client_loss"] = float(np.mean([float(r.metrics.get("loss", math.nan)) for _, r in results])) \
             if results else math.nan
+        if self.edge is not None:  # one edge's secure mean: kept for the cloud, state unchanged for now
+            if results:
+                weight = sum(min(r.num_examples, self.config.sample_cap or r.num_examples) for _, r in results)
+                self.edge_means.append((parameters_to_ndarrays(results[0][1].parameters), float(weight),
+                                        len(results)))
+            return ndarrays_to_parameters(self.state), {"accepted": len(results)}
         if self.config.secagg.enabled:
             accepted = len(results)
             if results:  # every FitRes carries the same securely aggregated mean
@@ -242,6 +272,20 @@ class LoraStrategy(Strategy):
             accepted = self._merge_checked(results, log)
         log["epsilon"] = self.privacy.record(server_round, accepted)
         return ndarrays_to_parameters(self.state), {"accepted": accepted}
+
+    def merge_edges(self, server_round: int) -> None:
+        """The cloud's step after every edge ran SecAgg+: the edges' means weighted by their (capped)
+        sample totals. The cloud never sees a client's upload, only one mean per edge."""
+        log = self.round_log
+        accepted = sum(n for _, _, n in self.edge_means)
+        if self.edge_means:
+            w = torch.tensor([weight for _, weight, _ in self.edge_means], dtype=torch.float64)
+            means = [m for m, _, _ in self.edge_means]
+            self.state = self.rule.apply_mean(self.state, weighted_mean(means, w / w.sum()))
+        log.update(accepted=accepted, rejected=[], edges=len(self.edge_means))
+        log["epsilon"] = self.privacy.record(server_round, accepted)
+        self.edge_means = []
+        self._round_sample = None
 
     def decode_checked(self, res: FitRes) -> tuple[list[np.ndarray] | None, str | None]:
         """A client's decoded upload, or None and why it is rejected."""
@@ -317,6 +361,12 @@ class LoraStrategy(Strategy):
 
         save_global_adapter(self.rule, self.state, self.config, self.num_labels, self.workdir / "adapter")
         (self.workdir / "privacy.json").write_text(json.dumps(self.privacy.report(), indent=2) + "\n")
+
+
+def edge_of(node_id: int, by_node: dict, edges: int) -> int:
+    """Under secure aggregation the server knows nodes, not partitions: node ``k``-th in id order → edge
+    ``k mod edges``."""
+    return sorted(by_node).index(node_id) % edges
 
 
 def hierarchical_mean(uploads: Sequence[Sequence[np.ndarray]], p: torch.Tensor, partitions: Sequence[int],

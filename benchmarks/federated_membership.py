@@ -1,0 +1,86 @@
+"""A loss-based membership attack against one client's data, from the global federated adapter.
+
+The attacker holds the final global adapter (what every client, and the server, receives) and asks of
+each sample "was it in client 0's training data?". Members: client 0's samples. Non-members: the
+server's held-out samples, resampled to client 0's label mix (client 0's data is label-skewed, so an
+unmatched comparison would measure the label, not membership). Score: −cross-entropy. Figures from
+``privlora.audit.metrics.summarize`` (AUC with bootstrap CI, TPR at 1 % FPR, empirical privacy =
+1 − balanced accuracy); the AUC is cross-checked with scikit-learn.
+
+Runs on the run directories of benchmarks/federated_accuracy.py (FFA without DP, with DP at ε = 8 and
+ε = 3); runs them first if they are missing.
+
+    python benchmarks/federated_membership.py
+
+Writes benchmarks/results/federated_membership.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from privlora.audit.metrics import summarize
+from privlora.config import FederatedConfig, load_config
+from privlora.federated.data import federated_data
+from privlora.tasks.text import TextClassificationTask, TextLora
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "federated_membership.json"
+WORK = HERE / ".work" / "fed"
+RUNS = ("ffa", "ffa_dp_eps8", "ffa_dp_eps3")
+
+
+def matched_non_members(members_labels: list[int], test_labels: list[int], seed: int) -> list[int]:
+    """Indices into the test set with the members' label histogram (sampling with replacement per class)."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(test_labels):
+        by_class.setdefault(y, []).append(i)
+    return [rng.choice(by_class[y]) for y in members_labels if by_class.get(y)]
+
+
+@torch.no_grad()
+def losses(task: TextClassificationTask, data, indices: list[int]) -> np.ndarray:
+    out = [task.per_sample_loss(data.batch(indices[i:i + 128])) for i in range(0, len(indices), 128)]
+    return torch.cat(out).numpy()
+
+
+def main() -> None:
+    if not all((WORK / r / "adapter").is_dir() for r in RUNS):
+        from federated_accuracy import main as run_accuracy
+
+        run_accuracy()
+    results: dict = {"client": 0, "score": "-cross_entropy", "runs": {}}
+    for name in RUNS:
+        run = WORK / name
+        config = load_config(run / "config.yaml", model=FederatedConfig)
+        data = federated_data(config)
+        members = data.parts[0]
+        non = matched_non_members([data.train.labels[i] for i in members], data.test.labels, config.seed)
+        task = TextClassificationTask(len(data.train.classes), lora=TextLora(rank=config.lora.rank,
+                                      alpha=config.lora.alpha, targets=tuple(config.lora.targets)))
+        task.load_adapter(run / "adapter")
+        task.model.eval()
+        scores = np.concatenate([-losses(task, data.train, members), -losses(task, data.test, non)])
+        labels = np.concatenate([np.ones(len(members)), np.zeros(len(non))])
+        figures = summarize(scores, labels, delta=0.0)
+        figures["auc_sklearn"] = float(roc_auc_score(labels, scores))
+        privacy = json.loads((run / "privacy.json").read_text())
+        figures.update({"epsilon": privacy.get("epsilon"), "members": len(members), "non_members": len(non)})
+        results["runs"][name] = figures
+        print(f"{name:<12} ε {figures['epsilon']}  AUC {figures['auc']:.3f} "
+              f"[{figures['auc_ci_low']:.3f}, {figures['auc_ci_high']:.3f}]  TPR@1%FPR {figures['tpr_at_0.01_fpr']}"
+              f"  empirical privacy {figures['empirical_privacy']:.3f}")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
