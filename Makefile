@@ -65,6 +65,9 @@ bench: $(STAMP) $(VENV)/.tesseract
 	$(PY) benchmarks/pii_quality.py
 	$(PY) benchmarks/sanitize_throughput.py
 	$(PY) benchmarks/aggregation_exactness.py
+	$(PY) benchmarks/federated_accuracy.py
+	$(PY) benchmarks/federated_membership.py
+	$(PY) benchmarks/federated_cost.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

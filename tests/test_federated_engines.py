@@ -80,3 +80,20 @@ def test_buffered_async_merges_without_waiting_for_the_slow_client(tmp_path) -> 
     assert 0 not in merges[0]["clients"]  # the first merge did not wait for client 0
     assert any(t > 0 for m in merges for t in m["staleness"])  # late uploads were merged, down-weighted
     assert result.final["accuracy"] >= 0.0 and (result.run_dir / "adapter").is_dir()
+
+
+def test_secagg_survives_a_client_that_drops_out(tmp_path) -> None:
+    result = federate(cfg(tmp_path, "secdrop", clients=4, rounds=1, secagg={"enabled": True},
+                          simulation={"crash_clients": [3]}))
+    assert result.final["accepted"] == 3  # the dropped client's masks were removed via its shares
+
+
+def test_flora_with_heterogeneous_ranks_and_a_rank_schedule(tmp_path) -> None:
+    flora = federate(cfg(tmp_path, "flora", strategy="flora", lora={"client_ranks": [2, 4, 8]}))
+    assert all(m["accepted"] == 3 for m in flora.rounds[1:])
+    scheduled = federate(cfg(tmp_path, "sched", strategy="fedit", rounds=3,
+                             lora={"rank": 4, "rank_schedule": {1: 4, 2: 8, 3: 2}}))
+    assert [m["rank"] for m in scheduled.rounds[1:]] == [4, 8, 2]
+    import json
+
+    assert json.loads((scheduled.run_dir / "adapter/adapter_config.json").read_text())["r"] == 2

@@ -189,3 +189,34 @@ def test_incompatible_settings_are_refused_in_one_line(overrides, message) -> No
     tree = {"clients": 3, **overrides}
     with pytest.raises(UserError, match=message):
         load_config(None, {k: v for k, v in tree.items()}, model=FederatedConfig)
+
+
+def test_privacy_plan_solves_sigma_for_a_target_epsilon_and_keeps_the_ledger() -> None:
+    from privlora.federated import client_privacy
+    from privlora.federated.strategy import PrivacyPlan
+
+    cfg = small_config(rounds=10, clients=5, clients_per_round=2,
+                       dp={"mechanism": "gaussian", "target_epsilon": 3.0, "delta": 1e-5})
+    plan = PrivacyPlan(cfg)
+    eps = client_privacy.gaussian_epsilons([(plan.sigma, 0.4)] * 10, 1e-5)[-1]
+    assert 2.95 < eps <= 3.0  # σ is the smallest (to 0.1 %) that meets the target
+    for r in range(1, 11):
+        plan.record(r, survivors=2)
+    report = plan.report()
+    assert report["epsilon"] == pytest.approx(eps) and len(report["epsilon_per_round"]) == 10
+    assert report["epsilon_per_round"] == sorted(report["epsilon_per_round"])
+
+
+def test_laplace_schedule_is_loose_early_strict_late_and_composes() -> None:
+    from privlora.federated.strategy import PrivacyPlan
+
+    cfg = small_config(rounds=4, dp={"mechanism": "laplace", "clip": 2.0, "epsilon_start": 4.0,
+                                     "epsilon_end": 1.0, "schedule": "linear"})
+    plan = PrivacyPlan(cfg)
+    scales = [plan.instructions(r)["laplace_scale"] for r in range(1, 5)]
+    assert scales == pytest.approx([2.0 / 4.0, 2.0 / 3.0, 2.0 / 2.0, 2.0 / 1.0])
+    for r in range(1, 5):
+        plan.record(r, survivors=3)
+    report = plan.report()
+    assert report["epsilon"] == pytest.approx(10.0)  # basic composition: 4 + 3 + 2 + 1
+    assert report["epsilon_advanced"] <= 10.0

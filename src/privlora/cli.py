@@ -48,6 +48,22 @@ def _offline_defaults() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _overrides(named: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Config overrides from named flags and ``--set KEY=VALUE``: named flags win over --set, which wins
+    over the config file. σ and a target ε are alternatives: naming one drops the other from the file."""
+    from privlora.config import CLEAR, parse_assignment
+
+    named = dict(named)
+    sigma, target = named.get("dp.noise_multiplier"), named.get("dp.target_epsilon")
+    if sigma is not None and target is None:
+        named["dp.target_epsilon"] = CLEAR
+    if target is not None and sigma is None:
+        named["dp.noise_multiplier"] = CLEAR
+    overrides: dict[str, Any] = dict(parse_assignment(a) for a in assignments)
+    overrides.update({k: v for k, v in named.items() if v is not None})
+    return overrides
+
+
 def _names(value: str) -> tuple[str, ...]:
     """A comma-separated option → names; 'none' (or empty) → no names."""
     names = tuple(v.strip() for v in value.split(",") if v.strip())
@@ -164,7 +180,7 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Any config key, e.g. --set optim.weight_decay=0.01."),
 ) -> None:
     """Train a LoRA adapter: plain, DP-LoRA (Opacus), MP-LoRA or SMP-LoRA; writes a run directory."""
-    from privlora.config import CLEAR, load_config, parse_assignment
+    from privlora.config import load_config
 
     _offline_defaults()
     named: dict[str, Any] = {
@@ -175,15 +191,7 @@ def train(
         "prompt": prompt, "device": device, "resume": resume or None, "trust_pickle": trust_pickle or None,
         "quiet": quiet or None,
     }
-    # σ and a target ε are alternatives: naming one on the command line drops the other from the file
-    if noise_multiplier is not None and target_epsilon is None:
-        named["dp.target_epsilon"] = CLEAR
-    if target_epsilon is not None and noise_multiplier is None:
-        named["dp.noise_multiplier"] = CLEAR
-    # named flags win over --set, which wins over the config file
-    overrides: dict[str, Any] = dict(parse_assignment(s) for s in set_)
-    overrides.update({k: v for k, v in named.items() if v is not None})
-    settings = load_config(config, overrides)  # bad keys fail here, before torch is imported
+    settings = load_config(config, _overrides(named, set_))  # bad keys fail here, before torch is imported
     from privlora.train.loop import train as run_training
 
     result = run_training(settings)
@@ -235,7 +243,7 @@ def federate(
 ) -> None:
     """Federated LoRA on Flower: clients train on their own data, only clipped/noised/compressed (or
     securely aggregated) LoRA updates reach the server; writes a run directory."""
-    from privlora.config import CLEAR, FederatedConfig, load_config, parse_assignment
+    from privlora.config import FederatedConfig, load_config
 
     _offline_defaults()
     named: dict[str, Any] = {
@@ -245,13 +253,7 @@ def federate(
         "dp.clip": clip, "compression": compression, "engine": "deployment" if deployment else None,
         "seed": seed, "quiet": quiet or None,
     }
-    if noise_multiplier is not None and target_epsilon is None:
-        named["dp.target_epsilon"] = CLEAR
-    if target_epsilon is not None and noise_multiplier is None:
-        named["dp.noise_multiplier"] = CLEAR
-    overrides: dict[str, Any] = dict(parse_assignment(s) for s in set_)
-    overrides.update({k: v for k, v in named.items() if v is not None})
-    settings = load_config(config, overrides, model=FederatedConfig)
+    settings = load_config(config, _overrides(named, set_), model=FederatedConfig)
     from privlora.federated.run import federate as run_federated
 
     result = run_federated(settings)
