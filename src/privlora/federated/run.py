@@ -23,7 +23,7 @@ from privlora.runs import atomic_dir
 
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0",
-               "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+               "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def _simulate(config: FederatedConfig, workdir: Path) -> None:
     cpus = max(1, os.cpu_count() or 1)
     backend = {"client_resources": {"num_cpus": config.simulation.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR,
-                             "log_to_driver": False, "configure_logging": True}}
+                             "log_to_driver": False, "configure_logging": False}}
     run_simulation(server_app=server_app_for(config, workdir), client_app=client_app_for(config),
                    num_supernodes=config.clients, backend_config=backend, verbose_logging=False)
 
