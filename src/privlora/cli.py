@@ -256,7 +256,14 @@ def federate(
     settings = load_config(config, _overrides(named, set_), model=FederatedConfig)
     from privlora.federated.run import federate as run_federated
 
-    result = run_federated(settings)
+    try:
+        result = run_federated(settings)
+    except KeyboardInterrupt:
+        # the engine's processes are stopped and the partial run removed; its threads cannot be joined,
+        # so leave now instead of waiting for them at interpreter exit
+        typer.echo("interrupted: nothing was written", err=True)
+        sys.stderr.flush()
+        os._exit(130)
     first, last = result.rounds[0], result.final
     eps = result.privacy.get("epsilon")
     privacy = f"client-level ε={eps:.3g}" + (f" (δ={result.privacy['delta']:.2g})"

@@ -82,17 +82,21 @@ def _quiet_flower() -> None:
 
     update_console_handler(level=logging.WARNING, timestamps=False, colored=False)
     logging.getLogger("ray").setLevel(logging.WARNING)
-    flwr_logger = logging.getLogger("flwr")
-    if not any(isinstance(f, _NoDeprecationNotices) for f in flwr_logger.filters):
-        flwr_logger.addFilter(_NoDeprecationNotices())
+    for name in ("flwr", "ray._private.worker"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NotActionable) for f in log.filters):
+            log.addFilter(_NotActionable())
 
 
-class _NoDeprecationNotices(logging.Filter):
-    """Flower 1.42 warns that ``run_simulation`` and the legacy strategy API are deprecated: true, and
-    known (SecAgg+ exists only there, docs/architecture.md), and not something a user can act on."""
+class _NotActionable(logging.Filter):
+    """Notices a user can do nothing about: Flower 1.42 warns that ``run_simulation`` and the legacy
+    strategy API are deprecated (true and known: SecAgg+ exists only there, docs/architecture.md), and
+    Ray that it sets no SIGTERM handler outside the main thread (the engine runs in our worker thread;
+    Ctrl-C still stops the command)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "deprecated" not in record.getMessage().lower()
+        text = record.getMessage()
+        return "deprecated" not in text.lower() and "SIGTERM handler is not set" not in text
 
 
 def federate(config: FederatedConfig, *, overwrite: bool = True) -> FederatedResult:
@@ -118,17 +122,11 @@ def federate(config: FederatedConfig, *, overwrite: bool = True) -> FederatedRes
 
         thread = threading.Thread(target=target, name="privlora-federate", daemon=True)
         thread.start()
-        with progress_bar(f"federated {config.strategy}", total=config.rounds, quiet=config.quiet) as bar:
-            done = 0
-            while thread.is_alive():
-                thread.join(timeout=0.5)
-                rounds = [m for m in read_metrics(work / "metrics.jsonl") if m["round"] > 0]
-                for m in rounds[done:]:
-                    fields = {"acc": m["accuracy"]}
-                    if m.get("epsilon") is not None:
-                        fields["eps"] = m["epsilon"]
-                    bar.advance(1, **fields)
-                done = max(done, len(rounds))
+        try:
+            _follow(config, work, thread)
+        except KeyboardInterrupt:
+            _stop_engine(thread)
+            raise
         if failure:
             raise failure[0]
         result = _check_results(config, work)
@@ -136,6 +134,39 @@ def federate(config: FederatedConfig, *, overwrite: bool = True) -> FederatedRes
 
         plot_metrics(result.rounds, work / "metrics.png", title=f"{config.strategy} · {config.clients} clients")
     return FederatedResult(out, result.rounds, result.privacy)
+
+
+def _follow(config: FederatedConfig, work: Path, thread: threading.Thread) -> None:
+    """Wait for the engine thread, advancing the progress bar as the server writes rounds."""
+    with progress_bar(f"federated {config.strategy}", total=config.rounds, quiet=config.quiet) as bar:
+        done = 0
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            rounds = [m for m in read_metrics(work / "metrics.jsonl") if m["round"] > 0]
+            for m in rounds[done:]:
+                fields = {"acc": m["accuracy"]}
+                if m.get("epsilon") is not None:
+                    fields["eps"] = m["epsilon"]
+                bar.advance(1, **fields)
+            done = max(done, len(rounds))
+
+
+def _stop_engine(thread: threading.Thread) -> None:
+    """Ctrl-C: the engine runs in a thread that a signal cannot reach. Stopping every process it started
+    (Ray's workers and daemons, or the deployment's SuperLink and SuperNodes) makes it fail fast; the
+    half-written run directory is then removed by ``atomic_dir``."""
+    import psutil
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(level=logging.CRITICAL)  # the engine's threads now fail loudly: not news
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=10)
+    thread.join(timeout=15)
 
 
 def _check_results(config: FederatedConfig, work: Path) -> FederatedResult:
