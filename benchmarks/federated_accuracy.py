@@ -54,15 +54,6 @@ def base_config(name: str, **overrides) -> FederatedConfig:
     return FederatedConfig.model_validate(tree)
 
 
-@torch.no_grad()
-def accuracy(task, test) -> float:
-    correct = 0
-    for i in range(0, len(test), 128):
-        batch = test.batch(list(range(i, min(i + 128, len(test)))))
-        correct += int((task.logits(batch).argmax(-1) == torch.tensor(batch["labels"])).sum())
-    return correct / len(test)
-
-
 #: centralised baselines: the clients' learning rate, and the text recipe's (configs/text-plain.yaml)
 CENTRAL_LR = {"centralised": None, "centralised_lr1e-3": 1e-3}
 
@@ -79,7 +70,7 @@ def centralised(config: FederatedConfig, lr: float | None = None) -> dict:
     central = config.model_copy(update={"client": config.client.model_copy(update={"local_steps": steps})})
     start = time.perf_counter()
     loss = local_train(task, data.train, central, config.seed)
-    return {"accuracy": accuracy(task, data.test), "train_loss": loss, "steps": steps, "lr": config.client.lr,
+    return {"accuracy": task.score(data.test)[0], "train_loss": loss, "steps": steps, "lr": config.client.lr,
             "seconds": time.perf_counter() - start}
 
 

@@ -91,8 +91,10 @@ class Rule:
         return ([_np(m.lora_A[ADAPTER].weight) for _, m in layers]
                 + [_np(m.lora_B[ADAPTER].weight) for _, m in layers] + head_arrays(model))
 
-    def upload_shapes(self, state: Sequence[np.ndarray]) -> list[tuple[int, ...]]:
-        """The shapes a valid upload has (FLoRA: per client rank, see its override)."""
+    def upload_shapes(self, state: Sequence[np.ndarray],
+                      upload: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
+        """The shapes a valid upload has. ``upload`` matters only where clients choose their own rank
+        (FLoRA reads it from the upload's first A)."""
         return [tuple(a.shape) for a in state]
 
     def merge(self, state: Sequence[np.ndarray], uploads: Sequence[Sequence[np.ndarray]],
@@ -164,7 +166,8 @@ class FFA(Rule):
     name = "ffa"
     trains_A = False
 
-    def upload_shapes(self, state: Sequence[np.ndarray]) -> list[tuple[int, ...]]:
+    def upload_shapes(self, state: Sequence[np.ndarray],
+                      upload: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
         n = len(state) // 2 - 1
         return [tuple(a.shape) for a in state[n:]]
 
@@ -187,9 +190,10 @@ class FLoRA(Rule):
         return [np.zeros(tuple(m.base_layer.weight.shape), np.float32) for _, m in lora_layers(model)] \
             + head_arrays(model)
 
-    def upload_shapes(self, state: Sequence[np.ndarray], rank: int | None = None) -> list[tuple[int, ...]]:
+    def upload_shapes(self, state: Sequence[np.ndarray],
+                      upload: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
         n = len(state) - 2
-        r = rank if rank is not None else 1
+        r = int(upload[0].shape[0]) if upload and np.ndim(upload[0]) == 2 else 1
         return ([(r, d.shape[1]) for d in state[:n]] + [(d.shape[0], r) for d in state[:n]]
                 + [tuple(a.shape) for a in state[n:]])
 

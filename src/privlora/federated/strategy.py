@@ -34,7 +34,7 @@ from privlora.federated.client import fresh_task, task_for
 from privlora.federated.compression import get_codec
 from privlora.federated.data import federated_data
 from privlora.federated.partition import sample_clients
-from privlora.federated.rules import FLoRA, Rule, get_rule, weighted_mean
+from privlora.federated.rules import Rule, get_rule, weighted_mean
 
 #: P(‖N(0, s²I_d)‖ > s(√d + t)) ≤ exp(-t²/2): t = 6 gives < 1e-8 per honest upload
 NOISE_NORM_SLACK = 6.0
@@ -94,9 +94,7 @@ class PrivacyPlan:
             std = client_privacy.noise_std(self.sigma, self.config.dp.clip, self.noise_group(),
                                            self.config.dp.placement)
             return self.config.dp.clip + std * (math.sqrt(dims) + NOISE_NORM_SLACK)
-        if self.mechanism == "none":
-            return self.config.max_update_norm
-        return self.config.max_update_norm  # Laplace noise has no tight L2 bound worth enforcing
+        return self.config.max_update_norm  # none; Laplace noise has no tight L2 bound worth enforcing
 
     def record(self, round_number: int, survivors: int) -> float | None:
         """Add a completed round to the ledger; returns ε spent so far (None without DP)."""
@@ -223,14 +221,9 @@ class LoraStrategy(Strategy):
                                            **self.privacy.instructions(server_round)}
         return FitIns(ndarrays_to_parameters(self.state), instructions)
 
-    def _check(self, upload: list[np.ndarray], expected: list[tuple[int, ...]] | None) -> str | None:
+    def _check(self, upload: list[np.ndarray]) -> str | None:
         """Why this decoded upload is rejected, or None."""
-        if isinstance(self.rule, FLoRA):
-            n = len(self.state) - 2
-            if len(upload) != 2 * n + 2:
-                return f"{len(upload)} arrays, expected {2 * n + 2}"
-            expected = self.rule.upload_shapes(self.state, rank=int(upload[0].shape[0]) if upload[0].ndim else 0)
-        assert expected is not None
+        expected = self.rule.upload_shapes(self.state, upload)
         if len(upload) != len(expected):
             return f"{len(upload)} arrays, expected {len(expected)}"
         for k, (a, shape) in enumerate(zip(upload, expected, strict=True)):
@@ -293,7 +286,7 @@ class LoraStrategy(Strategy):
             upload = self.codec.decode(parameters_to_ndarrays(res.parameters))
         except (UserError, ValueError) as e:
             return None, str(e)
-        reason = self._check(upload, None if isinstance(self.rule, FLoRA) else self.rule.upload_shapes(self.state))
+        reason = self._check(upload)
         return (None, reason) if reason is not None else (upload, None)
 
     def merge_uploads(self, uploads: list[list[np.ndarray]], p: torch.Tensor, partitions: list[int],
@@ -331,17 +324,7 @@ class LoraStrategy(Strategy):
         return None, {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        task = self._model(self.state)
-        test = self.data.test
-        with torch.no_grad():
-            losses, correct = [], 0
-            for i in range(0, len(test), 128):
-                batch = test.batch(list(range(i, min(i + 128, len(test)))))
-                logits = task.logits(batch)
-                labels = torch.as_tensor(batch["labels"])
-                losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item())
-                correct += int((logits.argmax(-1) == labels).sum())
-        loss, accuracy = sum(losses) / len(test), correct / len(test)
+        accuracy, loss = self._model(self.state).score(self.data.test)
         line = {"round": server_round, "accuracy": accuracy, "loss": loss}
         if server_round > 0:
             line.update({k: v for k, v in self.round_log.items() if k != "round_started"})

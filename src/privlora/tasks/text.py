@@ -129,6 +129,20 @@ class TextClassificationTask:
         self.model.train()
 
     @torch.no_grad()
+    def score(self, data: Any, batch_size: int = 64) -> tuple[float | None, float | None]:
+        """Accuracy and mean cross-entropy on a ``TextSet`` (``None, None`` when it is empty)."""
+        if len(data) == 0:
+            return None, None
+        correct, losses = 0, []
+        for start in range(0, len(data), batch_size):
+            batch = data.batch(list(range(start, min(start + batch_size, len(data)))))
+            logits = self.logits(batch)
+            labels = torch.as_tensor(batch["labels"])
+            correct += int((logits.argmax(-1) == labels).sum())
+            losses.append(nn.functional.cross_entropy(logits, labels, reduction="none"))
+        return correct / len(data), float(torch.cat(losses).mean())
+
+    @torch.no_grad()
     def predict(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         return torch.cat([self.logits({"texts": texts[i:i + batch_size]}).argmax(-1)
                           for i in range(0, len(texts), batch_size)])
