@@ -467,6 +467,118 @@ def spectrum(
         write_json_atomic(json_out, spectra)
         typer.echo(f"wrote {json_out}")
 
+split_app = typer.Typer(no_args_is_help=True, help="Split-and-privatize (SAP): the user keeps the bottom of the "
+                        "model and the labels, the provider's server trains the top on dχ-noised hidden states.")
+app.add_typer(split_app, name="split")
+TOKEN_HELP = "Bearer token shared by server and client (or set PRIVLORA_SPLIT_TOKEN)."
+
+
+@split_app.command("serve")
+@_one_line_errors
+def split_serve(
+    depth: int = typer.Option(1, "--split-depth", "--depth", help="Blocks on the user's side (MiniLM: 0..3)."),
+    port: int = typer.Option(8765, help="TCP port."),
+    host: str = typer.Option("127.0.0.1", help="Interface (0.0.0.0 to accept other machines; put TLS in front)."),
+    token: str = typer.Option(None, envvar="PRIVLORA_SPLIT_TOKEN", show_envvar=False, help=TOKEN_HELP),
+    num_labels: int = typer.Option(3, "--num-labels", help="Classes of the head (demo:tweets has 3)."),
+    base: str = typer.Option("minilm", help="Base encoder: minilm (offline, from PyPI) or a local model folder."),
+    out: Path = typer.Option(Path("runs/split-server/adapter"), help="Where /save and shutdown write the adapter."),
+    lr: float = typer.Option(1e-3, help="The top LoRA's learning rate (AdamW)."),
+    rank: int = typer.Option(8, help="LoRA rank on the top blocks."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Largest batch a request may carry."),
+    max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body (MiB); larger ones get 413."),
+    seed: int = typer.Option(0, help="Seed of the LoRA and head initialisation."),
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level (info shows each request)."),
+) -> None:
+    """Start the provider's server: the top of the model with its LoRA, trained through /forward and /backward."""
+    import socket
+
+    from privlora.split.models import SplitTop
+    from privlora.split.server import serve
+    from privlora.split.service import TopService
+    from privlora.tasks.text import TextLora
+
+    _offline_defaults()
+    if not token:
+        raise UserError("give the server a token: --token T or PRIVLORA_SPLIT_TOKEN=T")
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    top = SplitTop(depth, num_labels, lora=TextLora(rank=rank, alpha=2 * rank), seed=seed,
+                   base=None if base == "minilm" else base)
+    service = TopService(top, lr=lr, max_batch=max_batch, base_name=base)
+    typer.echo(f"split server on http://{host}:{port}: {base} cut after block {depth} "
+               f"({len(top.blocks)} blocks + head here, {num_labels} labels); adapter → {out}", err=True)
+    serve(service, token, host=host, port=port, out=out, log_level=log_level, max_body=int(max_body_mb * 2**20))
+    if service.steps:
+        typer.echo(f"saved the adapter ({service.steps} steps) to {out}", err=True)
+
+
+@split_app.command("train")
+@_one_line_errors
+def split_train_cmd(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (e.g. configs/split-cti.yaml)."),
+    server: str = typer.Option(None, help="Server URL (default http://127.0.0.1:8765)."),
+    token: str = typer.Option(None, envvar="PRIVLORA_SPLIT_TOKEN", show_envvar=False, help=TOKEN_HELP),
+    data: str = typer.Option(None, help="demo:tweets or a CSV/TSV/JSONL file with text,label."),
+    limit: int = typer.Option(None, help="Use a seeded sample of this many texts."),
+    privatizer: str = typer.Option(None, help="cti (default: dχ noise, less on label-carrying tokens) | dchi | none."),
+    eta: float = typer.Option(None, help="dχ privacy parameter η (smaller: more noise; mean noise norm 384/η)."),
+    bottom: str = typer.Option(None, help="frozen (default) | trainable (LoRA on the user's blocks too)."),
+    steps: int = typer.Option(None, help="Training steps."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Texts per step."),
+    out: Path = typer.Option(None, help="Run directory to write (replaced atomically)."),
+    seed: int = typer.Option(None, help="Seed of the data split and batch order (noise is never seeded)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    set_: list[str] = typer.Option([], "--set", help="Any config key, e.g. --set privatizer.cti_boost=5."),
+) -> None:
+    """Train against a running split server: texts and labels stay here, only noised hidden states and the
+    gradient of the logits are sent. Writes a run directory for `split predict`."""
+    from privlora.config import SplitConfig, load_config
+    from privlora.split.client import HttpTop
+    from privlora.split.run import split_train
+
+    _offline_defaults()
+    named = {"server": server, "data.source": data, "data.limit": limit, "privatizer.name": privatizer,
+             "privatizer.eta": eta, "bottom": bottom, "optim.steps": steps, "optim.batch_size": batch_size,
+             "out": str(out) if out else None, "seed": seed, "quiet": quiet or None}
+    settings = load_config(config, _overrides(named, set_), model=SplitConfig)
+    with HttpTop(settings.server, token or "") as top:
+        run = split_train(settings, top)
+    s = run.summary
+    p = s["privatizer"]
+    spared = f", {p['contributing_count']} tokens spared (CTI)" if p["name"] == "cti" else ""
+    typer.echo(f"split training ({p['name']}, η={p['eta']}{spared}; depth {s['depth']}, {s['bottom']} bottom) "
+               f"→ {run.run_dir}")
+    typer.echo(f"  held-out accuracy {run.accuracy:.3f} (loss {run.loss:.3f}) on {s['eval_texts']} texts; "
+               f"{s['samples_per_second']:.1f} texts/s; {s.get('bytes_sent', 0) / 2**20:.1f} MiB sent")
+
+
+@split_app.command("predict")
+@_one_line_errors
+def split_predict_cmd(
+    texts: list[str] = typer.Argument(None, help="Texts to classify (or --input)."),
+    run: Path = typer.Option(..., "--run", help="The run directory `split train` wrote."),
+    server: str = typer.Option("http://127.0.0.1:8765", help="Server URL."),
+    token: str = typer.Option(None, envvar="PRIVLORA_SPLIT_TOKEN", show_envvar=False, help=TOKEN_HELP),
+    input_file: Path = typer.Option(None, "--input", help="CSV/TSV/JSONL with a text column, or a .txt file "
+                                    "with one text per line."),
+) -> None:
+    """Classify texts through the server with the same privatization as training; prints `label<TAB>text`."""
+    from privlora.split.client import HttpTop
+    from privlora.split.run import read_texts, split_predict
+
+    _offline_defaults()
+    items = list(texts or []) + (read_texts(input_file) if input_file else [])
+    if not items:
+        raise UserError("nothing to classify: give texts as arguments or --input FILE")
+    with HttpTop(server, token or "") as top:
+        labels = split_predict(run, items, top)
+    for label, text in zip(labels, items, strict=True):
+        typer.echo(f"{label}\t{text}")
+
 
 def main() -> None:
     """Console entry point."""

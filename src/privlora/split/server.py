@@ -1,0 +1,133 @@
+"""``privlora split serve``: the provider's HTTP server around :class:`TopService` (FastAPI + uvicorn).
+
+Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``):
+
+* ``GET /health`` → ``{"status": "ok"}`` (for load balancers; says nothing about the model)
+* ``GET /info`` → base, split depth, hidden size, number of labels, limits, steps so far
+* ``POST /forward?train=0|1&input_grad=0|1`` — body: safetensors ``hidden [B,T,H]`` (privatized by the user)
+  + ``attention_mask [B,T]`` → safetensors ``logits [B,C]``; with ``train=1`` the ``X-Privlora-Step`` header
+  names the step the backward must quote
+* ``POST /backward?step=ID`` — body: safetensors ``grad_logits [B,C]`` → the server back-propagates into its
+  LoRA and steps; answers safetensors ``grad_hidden`` when the forward asked for ``input_grad`` (a trainable
+  bottom), else 204
+* ``POST /save`` → writes the adapter to the server's ``--out`` folder
+
+Every refusal is a 4xx with ``{"error": "<one line>"}``; the server stays up. The token is compared in
+constant time and never logged (uvicorn's access log prints method, path and status only).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from privlora.split.service import TopService
+from privlora.split.wire import WireError, pack, unpack
+
+TOKEN_ENV = "PRIVLORA_SPLIT_TOKEN"
+DEFAULT_MAX_BODY = 16 * 1024 * 1024  # 64 texts × 128 tokens × 384 floats × 4 B = 12.6 MB
+log = logging.getLogger("privlora.split")
+
+
+def create_app(service: TopService, token: str, *, out: Path | None = None,
+               max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
+    """The FastAPI app; ``token`` is required of every call but ``/health``."""
+    if not token:
+        raise ValueError("the split server needs a token")
+    app = FastAPI(title="privlora split server", docs_url=None, redoc_url=None, openapi_url=None)
+    expected = token.encode()
+
+    def authorize(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise WireError(401, "missing or wrong bearer token")
+
+    async def body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+            raise WireError(413, f"request body over the {max_body} byte limit")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise WireError(413, f"request body over the {max_body} byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def flag(request: Request, name: str) -> bool:
+        value = request.query_params.get(name, "0")
+        if value not in ("0", "1", "true", "false"):
+            raise WireError(422, f"query parameter {name!r} must be 0 or 1")
+        return value in ("1", "true")
+
+    @app.exception_handler(WireError)
+    async def _refused(request: Request, exc: WireError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": "malformed request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("split server error on %s", request.url.path)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/info")
+    def info(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return service.info()
+
+    @app.post("/forward")
+    async def forward(request: Request) -> Response:
+        authorize(request)
+        train, input_grad = flag(request, "train"), flag(request, "input_grad")
+        hidden, mask = service.check_forward(unpack(await body(request), service.forward_spec()))
+        step_id, logits = await run_in_threadpool(service.forward, hidden, mask, train=train,
+                                                  want_input_grad=input_grad)
+        headers = {"X-Privlora-Step": step_id} if step_id else {}
+        return Response(pack({"logits": logits}), media_type="application/octet-stream", headers=headers)
+
+    @app.post("/backward")
+    async def backward(request: Request) -> Response:
+        authorize(request)
+        step_id = request.query_params.get("step", "")
+        batch = service.pending_batch(step_id)
+        grad = unpack(await body(request), service.backward_spec(batch))["grad_logits"]
+        grad_hidden = await run_in_threadpool(service.backward, step_id, grad)
+        if grad_hidden is None:
+            return Response(status_code=204)
+        return Response(pack({"grad_hidden": grad_hidden}), media_type="application/octet-stream")
+
+    @app.post("/save")
+    def save(request: Request) -> dict[str, Any]:
+        authorize(request)
+        if out is None:
+            raise WireError(409, "this server was started without --out: nowhere to save the adapter")
+        return service.save(out)
+
+    return app
+
+
+def serve(service: TopService, token: str, *, host: str = "127.0.0.1", port: int = 8765, out: Path | None = None,
+          max_body: int = DEFAULT_MAX_BODY, log_level: str = "warning") -> None:
+    """Run until Ctrl-C / SIGTERM, then save the adapter (if ``out`` and any step was taken)."""
+    import uvicorn
+
+    app = create_app(service, token, out=out, max_body=max_body)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level in ("info", "debug"))
+    if out is not None and service.steps:
+        service.save(out)
