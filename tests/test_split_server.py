@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from conftest import assert_one_line_error, run_cli
 from privlora.config import SplitConfig
 from privlora.errors import UserError
 from privlora.split.client import HttpTop
@@ -25,7 +26,6 @@ from privlora.split.models import SplitBottom
 from privlora.split.privatizers import Privatizer
 from privlora.split.run import split_predict, split_train
 from privlora.split.train import train_step
-from conftest import assert_one_line_error, run_cli
 
 TOKEN = "test-token-7f3a"
 DEPTH = 1

@@ -494,6 +494,7 @@ def split_serve(
     import socket
 
     from privlora.split.models import SplitTop
+    from privlora.split.run import base_path
     from privlora.split.server import serve
     from privlora.split.service import TopService
     from privlora.tasks.text import TextLora
@@ -506,8 +507,7 @@ def split_serve(
             probe.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
-    top = SplitTop(depth, num_labels, lora=TextLora(rank=rank, alpha=2 * rank), seed=seed,
-                   base=None if base == "minilm" else base)
+    top = SplitTop(depth, num_labels, lora=TextLora(rank=rank, alpha=2 * rank), seed=seed, base=base_path(base))
     service = TopService(top, lr=lr, max_batch=max_batch, base_name=base)
     typer.echo(f"split server on http://{host}:{port}: {base} cut after block {depth} "
                f"({len(top.blocks)} blocks + head here, {num_labels} labels); adapter → {out}", err=True)
@@ -578,6 +578,48 @@ def split_predict_cmd(
         labels = split_predict(run, items, top)
     for label, text in zip(labels, items, strict=True):
         typer.echo(f"{label}\t{text}")
+
+
+@split_app.command("sweep")
+@_one_line_errors
+def split_sweep_cmd(
+    depths: str = typer.Option("0,1", help="Split depths, comma-separated (MiniLM: 0..3)."),
+    etas: str = typer.Option("12,8,6", help="dχ η values, comma-separated (smaller: more noise)."),
+    privatizers: str = typer.Option("dchi,cti", help="Privatizers besides the no-noise baseline: dchi, cti."),
+    bottoms: str = typer.Option("frozen", help="frozen, trainable or both (comma-separated)."),
+    data: str = typer.Option("demo:tweets", help="demo:tweets or a CSV/TSV/JSONL text,label file (AIA needs the "
+                             "tweets: it infers the airline a tweet addresses)."),
+    limit: int = typer.Option(2000, help="Texts used (seeded sample)."),
+    steps: int = typer.Option(150, help="Training steps per point."),
+    attack_texts: int = typer.Option(16, "--attack-texts", help="Held-out texts the EIA inverts per point."),
+    eia_steps: int = typer.Option(100, "--eia-steps", help="Optimisation steps of the EIA at depth ≥ 1."),
+    cti_boost: float = typer.Option(10.0, "--cti-boost", help="CTI: spared tokens get η·boost."),
+    cti_top_k: int = typer.Option(50, "--cti-top-k", help="CTI: how many label-carrying tokens are spared."),
+    out: Path = typer.Option(Path("runs/split-sweep"), help="Folder for sweep.json, sweep.md and sweep.png."),
+    seed: int = typer.Option(0, help="Seed (data split, batches, noise: the sweep is reproducible)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Privacy–utility table: accuracy and empirical privacy (1 − attack success) against EIA and AIA for every
+    η × depth × privatizer × bottom mode, trained in-process (no server needed). Takes minutes per point."""
+    from privlora.split.sweep import SweepSettings, run_sweep
+
+    _offline_defaults()
+    try:
+        settings = SweepSettings(
+            depths=tuple(int(d) for d in _names(depths)), etas=tuple(float(e) for e in _names(etas)),
+            privatizers=_names(privatizers), bottoms=_names(bottoms), source=data, limit=limit, steps=steps,
+            attack_texts=attack_texts, eia_steps=eia_steps, cti_boost=cti_boost, cti_top_k=cti_top_k, seed=seed)
+    except ValueError as e:
+        raise UserError(f"--depths/--etas take comma-separated numbers ({e})") from None
+    unknown = set(settings.privatizers) - {"dchi", "cti"} or set(settings.bottoms) - {"frozen", "trainable"}
+    if unknown:
+        raise UserError(f"unknown sweep value(s) {', '.join(sorted(unknown))}: privatizers dchi/cti, "
+                        "bottoms frozen/trainable")
+    rows = run_sweep(settings, out, quiet=quiet)
+    from privlora.split.sweep import markdown
+
+    typer.echo(markdown(rows), nl=False)
+    typer.echo(f"wrote {out}/sweep.json, sweep.md, sweep.png")
 
 
 def main() -> None:

@@ -88,19 +88,20 @@ def nearest_tokens(bottom: SplitBottom, observed: torch.Tensor, attention_mask: 
     """
     _check_observed(observed, attention_mask)
     batch, length, _ = observed.shape
+    emb = bottom.model.bert.embeddings
+    device = emb.word_embeddings.weight.device
     pad = bottom.tokenizer.pad_token_id
-    out = torch.full((batch, length), 0 if pad is None else int(pad), dtype=torch.long)
-    real = attention_mask.bool().cpu()
+    out = torch.full((batch, length), 0 if pad is None else int(pad), dtype=torch.long, device=device)
+    real = attention_mask.bool().to(device)
     if not real.any():
         return out
-    emb = bottom.model.bert.embeddings
     with torch.no_grad():
         norm = emb.LayerNorm
         gain, bias, eps = norm.weight.float(), norm.bias.float(), float(norm.eps)
         words = emb.word_embeddings.weight.float()
         hidden = words.shape[1]
         centred = words - words.mean(dim=1, keepdim=True)  # x − mean(x) = W̃_v + s̃_p: centring is linear
-        positions = torch.arange(length)
+        positions = torch.arange(length, device=device)
         shift = emb.position_embeddings.weight[positions].float() + emb.token_type_embeddings.weight[0].float()
         shift = shift - shift.mean(dim=1, keepdim=True)  # s̃_p  [T, H]
         # per (token, position): σ = sqrt(var + eps), ‖c‖² = Σg²x̃²/σ² + 2Σgbx̃/σ + ‖b‖²
@@ -112,7 +113,7 @@ def nearest_tokens(bottom: SplitBottom, observed: torch.Tensor, attention_mask: 
         gbx = cross[:, -1:] + shift @ (gain * bias)
         cand_norm = g2x2 / sigma**2 + 2 * gbx / sigma + (bias**2).sum()  # [V, T]
         rows, cols = real.nonzero(as_tuple=True)
-        obs = observed.detach().float().cpu()[rows, cols]  # [N, H]
+        obs = observed.detach().float().to(device)[rows, cols]  # [N, H]
         step = 512
         for start in range(0, len(rows), step):
             o, p = obs[start:start + step], cols[start:start + step]
@@ -137,72 +138,109 @@ def eia_nearest(bottom: SplitBottom, observed: torch.Tensor, attention_mask: tor
 # EIA behind blocks: optimise a relaxed one-hot input
 
 
+class _RelaxedEmbedding(torch.autograd.Function):
+    """``softmax(Z/τ) @ W`` with a hand-written backward.
+
+    The two ``[N, V]``-sized passes dominate the attack's cost, so the backward reuses the forward's
+    softmax and the identity ``Σ_v P_v (gWᵀ)_v = g·e`` (``e`` the output) instead of autograd's
+    softmax-backward, and multiplies by a contiguous ``Wᵀ`` (the transposed view is ~2× slower on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+        probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+        out = probs @ weight
+        ctx.save_for_backward(probs, weight_t, out)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        probs, weight_t, out = ctx.saved_tensors
+        inner = grad @ weight_t  # [N, V]
+        inner -= (grad * out).sum(dim=-1, keepdim=True)
+        inner *= probs
+        if ctx.temperature != 1.0:
+            inner /= ctx.temperature
+        return inner, None, None, None
+
+
+LOSSES = ("mse", "l2", "cos")
+
+
 def _inversion_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "mse":
-        return ((pred - target) ** 2).sum(dim=-1).mean()
+    """Mean per-token distance: ``cos`` (1 − cosine) ignores the norm, ``mse`` is the squared L2 distance."""
+    if kind == "l2":
+        return (pred - target).norm(dim=-1).mean()
     if kind == "cos":
         return (1 - torch.nn.functional.cosine_similarity(pred, target, dim=-1)).mean()
-    raise ValueError(kind)
+    return ((pred - target) ** 2).sum(dim=-1).mean()
 
 
-def _invert_chunk(bottom: SplitBottom, observed: torch.Tensor, attention_mask: torch.Tensor,
-                  init: torch.Tensor | None, *, steps: int, lr: float, temperature: float, init_scale: float,
-                  loss: str, generator: torch.Generator | None) -> torch.Tensor:
+def _invert_chunk(bottom: SplitBottom, observed: torch.Tensor, attention_mask: torch.Tensor, init: torch.Tensor, *,
+                  steps: int, lr: float, temperature: float, init_scale: float, loss: str,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """The attack on a few sequences: logits only for the real positions (padding cannot matter)."""
     weight = bottom.word_embeddings.detach()
-    vocab = weight.shape[0]
+    weight_t = weight.T.contiguous()
     real = attention_mask.bool()
-    count = int(real.sum())
-    if init is None:
-        logits = 0.01 * torch.randn(count, vocab, generator=generator)
-    else:
-        logits = torch.zeros(count, vocab)
-        logits[torch.arange(count), init[real]] = init_scale
+    count, vocab = int(real.sum()), weight.shape[0]
+    # a small random jitter breaks ties among the vocabulary; init_scale sets how firmly the guess is held
+    logits = 0.01 * torch.randn(count, vocab, generator=generator)
+    logits = logits.to(weight.device, weight.dtype)
+    logits[torch.arange(count, device=weight.device), init[real]] += init_scale
     logits.requires_grad_(True)
-    target = observed[real].detach().float()
-    base = torch.zeros(*attention_mask.shape, weight.shape[1])
-    optimizer = torch.optim.Adam([logits], lr=lr)
+    target = observed[real]
+    base = torch.zeros(*attention_mask.shape, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    optimizer = torch.optim.Adam([logits], lr=lr, fused=True)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        relaxed = torch.softmax(logits / temperature, dim=-1) @ weight
-        embeds = base.masked_scatter(real[..., None], relaxed)
-        hidden = bottom.forward_embeds(embeds, attention_mask)
+        relaxed = _RelaxedEmbedding.apply(logits, weight, weight_t, temperature)
+        hidden = bottom.forward_embeds(base.masked_scatter(real[..., None], relaxed), attention_mask)
         _inversion_loss(hidden[real], target, loss).backward()
         optimizer.step()
-    out = torch.zeros(attention_mask.shape, dtype=torch.long)
+    out = init.clone()
     out[real] = logits.detach().argmax(dim=-1)
     return out
 
 
-def eia_optimize(bottom: SplitBottom, observed: torch.Tensor, attention_mask: torch.Tensor, *, steps: int = 200,
-                 lr: float = 0.1, temperature: float = 1.0, init: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, init_scale: float = 5.0,
+def eia_optimize(bottom: SplitBottom, observed: torch.Tensor, attention_mask: torch.Tensor, *, steps: int = 100,
+                 lr: float = 0.2, temperature: float = 1.0, init: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, init_scale: float = 10.0,
                  loss: str = "mse") -> torch.Tensor:
-    """EIA at any depth: find token ids whose hidden states match ``observed``, ``[B, T]`` long.
+    """EIA at any depth: token ids whose hidden states match ``observed``, ``[B, T]`` long.
 
     Learns logits ``Z`` over the full vocabulary for every real position; the bottom runs on the relaxed
     embeddings ``softmax(Z/τ) @ W`` (differentiable, unlike a token lookup) and Adam minimises the
-    distance to the observed states; the answer is ``argmax Z``. Padding is never optimised: it is
-    masked out of attention, so it cannot change a real position's state. ``init`` (token ids
-    ``[B, T]``) starts ``Z`` at a guess (e.g. :func:`nearest_tokens`). The bottom's weights get no
-    gradients and its ``requires_grad`` flags are restored afterwards.
+    distance to the observed states over real positions; the answer is ``argmax Z``. Padding is never
+    optimised: it is masked out of attention, so it cannot change a real position's state.
+
+    ``Z`` starts at ``init_scale`` on a guess — ``init`` (token ids ``[B, T]``) or, by default,
+    :func:`nearest_tokens`: blocks are residual, so the depth-0 nearest neighbour is already right for most
+    tokens and the optimisation only has to fix the rest (measured on MiniLM: better than a uniform start
+    at every depth, e.g. 0.99 vs 0.89 at depth 5). ``init_scale=0`` starts uniform. ``loss`` is ``mse``
+    (squared L2, the default: best measured), ``l2`` (dχ noise's own log-likelihood) or ``cos``.
+    The bottom's weights get no gradients and their ``requires_grad`` flags are restored afterwards.
     """
     _check_observed(observed, attention_mask)
-    if steps < 1 or lr <= 0 or temperature <= 0:
-        raise UserError(f"eia_optimize needs steps ≥ 1, lr > 0 and temperature > 0 "
-                        f"(got {steps}, {lr}, {temperature})")
-    mask = attention_mask.cpu()
-    obs = observed.detach().float().cpu()
+    if steps < 1 or lr <= 0 or temperature <= 0 or init_scale < 0 or loss not in LOSSES:
+        raise UserError(f"eia_optimize needs steps ≥ 1, lr > 0, temperature > 0, init_scale ≥ 0 and a loss in "
+                        f"{', '.join(LOSSES)} (got {steps}, {lr}, {temperature}, {init_scale}, {loss!r})")
+    device = bottom.word_embeddings.device
+    mask = attention_mask.to(device)
+    obs = observed.detach().to(device, bottom.word_embeddings.dtype)
+    guess = (nearest_tokens(bottom, observed, attention_mask) if init is None else init).to(device, torch.long)
     params = list(bottom.model.parameters())
     flags = [p.requires_grad for p in params]
-    out = torch.zeros(mask.shape, dtype=torch.long)
-    vocab = bottom.word_embeddings.shape[0]
+    out = guess.clone()
     try:
         for p in params:
             p.requires_grad_(False)
-        for rows in _chunks(mask, max(1, MAX_RELAXED_ELEMENTS // vocab)):
-            out[rows] = _invert_chunk(bottom, obs[rows], mask[rows], None if init is None else init[rows].cpu(),
-                                      steps=steps, lr=lr, temperature=temperature, init_scale=init_scale,
-                                      loss=loss, generator=generator)
+        for rows in _chunks(mask, max(1, MAX_RELAXED_ELEMENTS // bottom.word_embeddings.shape[0])):
+            out[rows] = _invert_chunk(bottom, obs[rows], mask[rows], guess[rows], steps=steps, lr=lr,
+                                      temperature=temperature, init_scale=init_scale, loss=loss,
+                                      generator=generator)
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)

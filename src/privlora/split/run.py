@@ -37,6 +37,11 @@ class SplitRun:
     summary: dict[str, Any]
 
 
+def base_path(base: str) -> str | None:
+    """``minilm`` → None (the packaged MiniLM); anything else is a local model folder."""
+    return None if base == "minilm" else base
+
+
 def hold_out(data: TextSet, fraction: float, seed: int) -> tuple[TextSet, TextSet]:
     """Seeded (train, eval) split of the user's data."""
     order = list(range(len(data)))
@@ -62,6 +67,9 @@ def build_privatizer(options: SplitPrivatizerOptions, bottom: SplitBottom, train
 
 def check_server(info: dict[str, Any], classes: list[str], config: SplitConfig) -> int:
     """The server's split depth; refuses a server whose head cannot hold the user's classes."""
+    if info.get("base") != config.base:
+        raise UserError(f"the split server runs base {info.get('base')!r} but this client is set to "
+                        f"{config.base!r}; both halves must come from the same model")
     if info.get("num_labels") != len(classes):
         raise UserError(f"the split server's head has {info.get('num_labels')} labels but the data has "
                         f"{len(classes)} ({', '.join(classes)}); restart it with --num-labels {len(classes)}")
@@ -79,7 +87,7 @@ def split_train(config: SplitConfig, top: TopEndpoint, *, progress: bool = True)
     train_data, eval_data = hold_out(data, config.data.eval, config.seed)
     depth = check_server(top.info(), data.classes, config)
     bottom = SplitBottom(depth, trainable=config.bottom == "trainable", seed=config.seed,
-                         lora=TextLora(config.lora.rank, config.lora.alpha))
+                         lora=TextLora(config.lora.rank, config.lora.alpha), base=base_path(config.base))
     privatizer = build_privatizer(config.privatizer, bottom, train_data)
     generator = os_generator()
     start = time.perf_counter()
@@ -92,7 +100,8 @@ def split_train(config: SplitConfig, top: TopEndpoint, *, progress: bool = True)
                               generator=generator)
     saved = top.save() if hasattr(top, "save") else {}
     summary = {
-        "depth": depth, "bottom": config.bottom, "classes": data.classes, "privatizer": privatizer.describe(),
+        "depth": depth, "base": config.base, "bottom": config.bottom, "classes": data.classes,
+        "privatizer": privatizer.describe(),
         "server": config.server, "server_adapter": saved.get("path"), "server_steps": saved.get("steps"),
         "train_texts": len(train_data), "eval_texts": len(eval_data), "eval_accuracy": round(accuracy, 4),
         "eval_loss": round(loss, 4), "train_seconds": round(seconds, 2),
@@ -121,7 +130,7 @@ def load_split_run(run_dir: Path) -> tuple[dict[str, Any], SplitBottom, Privatiz
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise UserError(f"{path} is not a valid split summary") from None
     trainable = summary.get("bottom") == "trainable"
-    bottom = SplitBottom(depth, trainable=trainable)
+    bottom = SplitBottom(depth, trainable=trainable, base=base_path(summary.get("base", "minilm")))
     if trainable:
         bottom.load_adapter(Path(run_dir) / BOTTOM_ADAPTER)
     contributing = {int(c["id"]): {k: v for k, v in c.items() if k != "id"} for c in spec.get("contributing", [])}
