@@ -8,7 +8,7 @@ from conftest import assert_one_line_error, run_cli
 from privlora.split.sweep import SweepPoint, SweepSettings, _key, markdown, run_sweep
 
 TINY = dict(depths=(0,), etas=(8.0,), privatizers=("dchi", "cti"), limit=80, steps=2, batch_size=8,
-            attack_texts=6, aia_texts=60, cti_top_k=5, cti_min_count=2)
+            attack_texts=6, aia_texts=60, cti_top_ks=(5,), cti_min_count=2)
 
 
 def test_tiny_sweep_writes_the_table_and_resumes(tmp_path):
@@ -42,9 +42,10 @@ def test_tiny_sweep_writes_the_table_and_resumes(tmp_path):
 
 
 def test_points_skip_trainable_at_depth_zero():
-    points = SweepSettings(depths=(0, 1), etas=(8.0,), privatizers=("cti",), bottoms=("frozen", "trainable")).points()
+    points = SweepSettings(depths=(0, 1), etas=(8.0,), privatizers=("cti",), bottoms=("frozen", "trainable"),
+                           cti_top_ks=(50,)).points()
     assert SweepPoint(0, "none", None, "trainable") not in points
-    assert SweepPoint(1, "cti", 8.0, "trainable") in points and len(points) == 6
+    assert SweepPoint(1, "cti", 8.0, "trainable", 50) in points and len(points) == 6
 
 
 def test_sweep_cli_bad_values(tmp_path):

@@ -487,6 +487,8 @@ def split_serve(
     rank: int = typer.Option(8, help="LoRA rank on the top blocks."),
     max_batch: int = typer.Option(64, "--max-batch", help="Largest batch a request may carry."),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body (MiB); larger ones get 413."),
+    input_clip: float = typer.Option(14.0, "--input-clip", help="Scale received token vectors longer than this "
+                                     "down to it (clean MiniLM states are < 13.4; 0 = off)."),
     seed: int = typer.Option(0, help="Seed of the LoRA and head initialisation."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level (info shows each request)."),
 ) -> None:
@@ -507,7 +509,8 @@ def split_serve(
             probe.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
-    top = SplitTop(depth, num_labels, lora=TextLora(rank=rank, alpha=2 * rank), seed=seed, base=base_path(base))
+    top = SplitTop(depth, num_labels, lora=TextLora(rank=rank, alpha=2 * rank), seed=seed, base=base_path(base),
+                   input_clip=input_clip or None)
     service = TopService(top, lr=lr, max_batch=max_batch, base_name=base)
     typer.echo(f"split server on http://{host}:{port}: {base} cut after block {depth} "
                f"({len(top.blocks)} blocks + head here, {num_labels} labels); adapter → {out}", err=True)
@@ -584,7 +587,8 @@ def split_predict_cmd(
 @_one_line_errors
 def split_sweep_cmd(
     depths: str = typer.Option("0,1", help="Split depths, comma-separated (MiniLM: 0..3)."),
-    etas: str = typer.Option("12,8,6", help="dχ η values, comma-separated (smaller: more noise)."),
+    etas: str = typer.Option("6,3", help="dχ η values, comma-separated (smaller: more noise; mean noise norm "
+                             "384/η against clean states of norm 8–13)."),
     privatizers: str = typer.Option("dchi,cti", help="Privatizers besides the no-noise baseline: dchi, cti."),
     bottoms: str = typer.Option("frozen", help="frozen, trainable or both (comma-separated)."),
     data: str = typer.Option("demo:tweets", help="demo:tweets or a CSV/TSV/JSONL text,label file (AIA needs the "
@@ -593,8 +597,9 @@ def split_sweep_cmd(
     steps: int = typer.Option(150, help="Training steps per point."),
     attack_texts: int = typer.Option(16, "--attack-texts", help="Held-out texts the EIA inverts per point."),
     eia_steps: int = typer.Option(100, "--eia-steps", help="Optimisation steps of the EIA at depth ≥ 1."),
-    cti_boost: float = typer.Option(10.0, "--cti-boost", help="CTI: spared tokens get η·boost."),
-    cti_top_k: int = typer.Option(50, "--cti-top-k", help="CTI: how many label-carrying tokens are spared."),
+    cti_boost: float = typer.Option(100.0, "--cti-boost", help="CTI: spared tokens get η·boost."),
+    cti_top_k: str = typer.Option("50,150", "--cti-top-k", help="CTI: how many label-carrying tokens are spared "
+                                  "(comma-separated: one CTI point per value)."),
     out: Path = typer.Option(Path("runs/split-sweep"), help="Folder for sweep.json, sweep.md and sweep.png."),
     seed: int = typer.Option(0, help="Seed (data split, batches, noise: the sweep is reproducible)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -608,9 +613,10 @@ def split_sweep_cmd(
         settings = SweepSettings(
             depths=tuple(int(d) for d in _names(depths)), etas=tuple(float(e) for e in _names(etas)),
             privatizers=_names(privatizers), bottoms=_names(bottoms), source=data, limit=limit, steps=steps,
-            attack_texts=attack_texts, eia_steps=eia_steps, cti_boost=cti_boost, cti_top_k=cti_top_k, seed=seed)
+            attack_texts=attack_texts, eia_steps=eia_steps, cti_boost=cti_boost,
+            cti_top_ks=tuple(int(k) for k in _names(cti_top_k)), seed=seed)
     except ValueError as e:
-        raise UserError(f"--depths/--etas take comma-separated numbers ({e})") from None
+        raise UserError(f"--depths/--etas/--cti-top-k take comma-separated numbers ({e})") from None
     unknown = set(settings.privatizers) - {"dchi", "cti"} or set(settings.bottoms) - {"frozen", "trainable"}
     if unknown:
         raise UserError(f"unknown sweep value(s) {', '.join(sorted(unknown))}: privatizers dchi/cti, "

@@ -267,9 +267,9 @@ class FederatedConfig(Strict):
 
 class SplitPrivatizerOptions(Strict):
     name: Literal["none", "dchi", "cti"] = "cti"
-    eta: float | None = Field(8.0, gt=0)  # dχ: noise density ∝ exp(−η‖n‖), mean noise norm = hidden/η
+    eta: float | None = Field(3.0, gt=0)  # dχ: noise density ∝ exp(−η‖n‖), mean noise norm = hidden/η
     cti_top_k: int = Field(50, ge=1)  # CTI: how many label-carrying tokens are spared
-    cti_boost: float = Field(10.0, ge=1)  # CTI: those tokens get η·boost (boost× less noise)
+    cti_boost: float = Field(100.0, ge=1)  # CTI: those tokens get η·boost (boost× less noise)
     cti_min_count: int = Field(5, ge=1)  # CTI: only tokens seen in at least this many training texts
 
     @model_validator(mode="after")

@@ -43,17 +43,19 @@ class SweepPoint:
     privatizer: str  # none | dchi | cti
     eta: float | None
     bottom: str = "frozen"
+    cti_top_k: int | None = None  # CTI only: how many tokens are spared
 
     @property
     def label(self) -> str:
         name = "SAP-CTI" if self.privatizer == "cti" else "SAP" if self.privatizer == "dchi" else "no noise"
-        return f"{name} η={self.eta:g}" if self.eta else name
+        k = f" k={self.cti_top_k}" if self.cti_top_k else ""
+        return f"{name} η={self.eta:g}{k}" if self.eta else name
 
 
 @dataclass
 class SweepSettings:
     depths: tuple[int, ...] = (0, 1)
-    etas: tuple[float, ...] = (12.0, 8.0, 6.0)
+    etas: tuple[float, ...] = (6.0, 3.0)
     privatizers: tuple[str, ...] = ("dchi", "cti")
     bottoms: tuple[str, ...] = ("frozen",)
     source: str = "demo:tweets"
@@ -63,8 +65,8 @@ class SweepSettings:
     batch_size: int = 32
     lr: float = 1e-3  # the top's (and a trainable bottom's)
     seed: int = 0
-    cti_top_k: int = 50
-    cti_boost: float = 10.0
+    cti_top_ks: tuple[int, ...] = (50, 150)
+    cti_boost: float = 100.0
     cti_min_count: int = 5
     attack_texts: int = 16
     eia_steps: int = 100
@@ -77,7 +79,9 @@ class SweepSettings:
                 if bottom == "trainable" and depth == 0:
                     continue  # nothing to train on the user's side at depth 0
                 out.append(SweepPoint(depth, "none", None, bottom))
-                out.extend(SweepPoint(depth, p, eta, bottom) for p in self.privatizers for eta in self.etas)
+                for p in self.privatizers:
+                    ks: tuple[int | None, ...] = self.cti_top_ks if p == "cti" else (None,)
+                    out.extend(SweepPoint(depth, p, eta, bottom, k) for eta in self.etas for k in ks)
         if not out:
             raise UserError("the sweep has no point (a trainable bottom needs a depth ≥ 1)")
         return out
@@ -111,7 +115,7 @@ def run_point(point: SweepPoint, settings: SweepSettings, train_data: TextSet, e
     generator = torch.Generator().manual_seed(settings.seed + 7)
     start = time.perf_counter()
     bottom = SplitBottom(point.depth, trainable=point.bottom == "trainable", seed=settings.seed)
-    options = SplitPrivatizerOptions(name=point.privatizer, eta=point.eta, cti_top_k=settings.cti_top_k,
+    options = SplitPrivatizerOptions(name=point.privatizer, eta=point.eta, cti_top_k=point.cti_top_k or 1,
                                      cti_boost=settings.cti_boost, cti_min_count=settings.cti_min_count)
     privatizer = build_privatizer(options, bottom, train_data)
     top = LocalTop(TopService(SplitTop(point.depth, len(train_data.classes), seed=settings.seed), lr=settings.lr))
@@ -233,7 +237,8 @@ def run_sweep(settings: SweepSettings, out: Path, *, quiet: bool = False) -> lis
 
 def _key(settings: SweepSettings) -> dict[str, Any]:
     """What a finished point depends on besides the point itself (the grid may grow between runs)."""
-    return {k: v for k, v in asdict(settings).items() if k not in ("depths", "etas", "privatizers", "bottoms")}
+    grid = ("depths", "etas", "privatizers", "bottoms", "cti_top_ks")
+    return {k: v for k, v in asdict(settings).items() if k not in grid}
 
 
 def _finished_points(journal: Path, settings: SweepSettings) -> dict[SweepPoint, dict[str, Any]]:
@@ -247,7 +252,7 @@ def _finished_points(journal: Path, settings: SweepSettings) -> dict[SweepPoint,
             entry = json.loads(line)
             row = entry["row"]
             if entry["settings"] == key:
-                done[SweepPoint(row["depth"], row["privatizer"], row["eta"], row["bottom"])] = row
+                done[SweepPoint(row["depth"], row["privatizer"], row["eta"], row["bottom"], row.get("cti_top_k"))] = row
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut by the interruption
     return done
