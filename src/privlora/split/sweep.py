@@ -194,7 +194,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 marker="o" if "none" in name else "s" if "cti" in name else "^", label=name)
         for p in points:
             if p["eta"]:
-                ax.annotate(f"η={p['eta']:g}", (p["eia_privacy"], p["accuracy"]), fontsize=7,
+                k = f", k={p['cti_top_k']}" if p.get("cti_top_k") else ""
+                ax.annotate(f"η={p['eta']:g}{k}", (p["eia_privacy"], p["accuracy"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("empirical privacy against EIA (1 − token recovery)")
     ax.set_ylabel("held-out accuracy")
