@@ -1,0 +1,55 @@
+"""Who may do what: the seed's access table as data, decided in one place.
+
+| role | adapters | training data | generation logs | export |
+|---|---|---|---|---|
+| researcher | read/write | sanitized version only | full | needs approval |
+| engineer | read only | none | partial (metadata, no prompts or images) | forbidden |
+| auditor | read only | full | full | forbidden |
+| admin | — (manages users only, reads no data) | — | — | — |
+
+Decisions the table leaves open, made here: an export is *requested* by a researcher and *approved* by a
+researcher or an auditor who is not the requester; a quarantined adapter can be pulled by auditors only.
+Every endpoint asks :func:`decide`, which never raises: denials carry a reason for the log and the 403.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("researcher", "engineer", "auditor", "admin")
+
+#: role → resource → actions. Actions: adapters read/write; training_data read_sanitized/read_full;
+#: generation_logs read_metadata/read_full; export request/approve; users manage.
+TABLE: dict[str, dict[str, frozenset[str]]] = {
+    "researcher": {"adapters": frozenset({"read", "write"}), "training_data": frozenset({"read_sanitized"}),
+                   "generation_logs": frozenset({"read_metadata", "read_full"}),
+                   "export": frozenset({"request", "approve"})},
+    "engineer": {"adapters": frozenset({"read"}), "generation_logs": frozenset({"read_metadata"})},
+    "auditor": {"adapters": frozenset({"read"}), "training_data": frozenset({"read_sanitized", "read_full"}),
+                "generation_logs": frozenset({"read_metadata", "read_full"}), "export": frozenset({"approve"})},
+    "admin": {"users": frozenset({"manage"})},
+}
+RESOURCES = ("adapters", "training_data", "generation_logs", "export", "users")
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+
+def decide(role: str, resource: str, action: str, *, quarantined: bool = False, actor: str | None = None,
+           requester: str | None = None) -> Decision:
+    """Allow or deny one action; ``quarantined`` (adapter under an incident) and the requester of an export
+    (who may not approve it) are the two conditions beyond the table."""
+    if role not in TABLE:
+        return Decision(False, f"unknown role {role!r}")
+    if resource not in RESOURCES:
+        return Decision(False, f"unknown resource {resource!r}")
+    if action not in TABLE[role].get(resource, frozenset()):
+        return Decision(False, f"role {role} may not {action} {resource}")
+    if quarantined and resource == "adapters" and role != "auditor":
+        return Decision(False, "adapter is quarantined (incident open): auditors only")
+    if resource == "export" and action == "approve" and actor is not None and actor == requester:
+        return Decision(False, "an export must be approved by someone other than its requester")
+    return Decision(True, "allowed")
