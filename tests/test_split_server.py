@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import socket
 import struct
 import subprocess
@@ -91,6 +92,7 @@ def test_health_is_open_everything_else_needs_the_token(server):
 
 @pytest.mark.parametrize("body, status, needle", [
     (b"garbage", 400, "not safetensors"),
+    (pickle.dumps({"hidden": [1.0]}), 400, "pickle"),
     (struct.pack("<Q", 10**9) + b"{}", 400, "header length"),
     (struct.pack("<Q", 4) + b"nope", 400, "not JSON"),
     (st_save({"hidden": torch.zeros(2, 5, 384)}), 422, "expected tensors"),

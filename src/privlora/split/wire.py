@@ -8,13 +8,13 @@ expects, and only then the tensors are built (no pickle anywhere: safetensors ho
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from privlora import tensorfiles
 
 #: safetensors dtype names → torch dtypes accepted on the wire
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -45,19 +45,10 @@ def pack(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def read_header(data: bytes) -> dict[str, dict]:
     """The safetensors header (without ``__metadata__``), or a 400 WireError saying what is wrong."""
-    if len(data) < 8:
-        raise WireError(400, "body is not safetensors (shorter than its 8-byte header length)")
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > MAX_HEADER or 8 + size > len(data):
-        raise WireError(400, "body is not safetensors (header length out of range)")
     try:
-        header = json.loads(data[8:8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WireError(400, "body is not safetensors (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise WireError(400, "body is not safetensors (header is not a JSON object)")
-    header.pop("__metadata__", None)
-    return header
+        return tensorfiles.read_header(data, max_header=MAX_HEADER)
+    except tensorfiles.HeaderError as e:
+        raise WireError(400, f"body is {e}") from None
 
 
 def unpack(data: bytes, expect: dict[str, Expect]) -> dict[str, torch.Tensor]:
@@ -70,8 +61,6 @@ def unpack(data: bytes, expect: dict[str, Expect]) -> dict[str, torch.Tensor]:
         raise WireError(422, f"expected tensors {sorted(expect)}, got {sorted(header)}")
     for name, spec in expect.items():
         info = header[name]
-        if not isinstance(info, dict) or "dtype" not in info or "shape" not in info:
-            raise WireError(400, f"tensor {name!r}: malformed safetensors entry")
         if info["dtype"] not in spec.dtypes:
             raise WireError(422, f"tensor {name!r}: dtype {info['dtype']} not accepted (use {'/'.join(spec.dtypes)})")
         shape = info["shape"]
