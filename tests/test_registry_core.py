@@ -12,7 +12,7 @@ from privlora.registry.ledger import Ledger, verify
 
 ACTIONS = {"adapters": ("read", "write"), "training_data": ("read_sanitized", "read_full"),
            "generation_logs": ("read_metadata", "read_full"), "export": ("request", "approve"),
-           "users": ("manage",)}
+           "users": ("manage",), "incidents": ("open", "close"), "log": ("read",)}
 # the seed's table, transcribed independently of access.TABLE: (role, resource, action) that are allowed
 ALLOWED = {
     ("researcher", "adapters", "read"), ("researcher", "adapters", "write"),
@@ -24,6 +24,8 @@ ALLOWED = {
     ("auditor", "training_data", "read_full"), ("auditor", "generation_logs", "read_metadata"),
     ("auditor", "generation_logs", "read_full"), ("auditor", "export", "approve"),
     ("admin", "users", "manage"),
+    ("researcher", "incidents", "open"), ("auditor", "incidents", "open"), ("auditor", "incidents", "close"),
+    ("auditor", "log", "read"),
 }
 CELLS = [(role, resource, action) for role in ROLES for resource in RESOURCES for action in ACTIONS[resource]]
 

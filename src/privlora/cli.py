@@ -628,6 +628,198 @@ def split_sweep_cmd(
     typer.echo(f"wrote {out}/sweep.json, sweep.md, sweep.png")
 
 
+registry_app = typer.Typer(no_args_is_help=True, help="Governed adapter registry: content-addressed adapters, "
+                           "roles enforced on every call, export approvals, a hash-chained action log.")
+app.add_typer(registry_app, name="registry")
+incident_app = typer.Typer(no_args_is_help=True, help="Incident response: quarantine an adapter, close with a "
+                           "resolution.")
+app.add_typer(incident_app, name="incident")
+REG_URL = typer.Option("http://127.0.0.1:8770", "--url", envvar="PRIVLORA_REGISTRY_URL", show_envvar=False,
+                       help="Registry URL (or PRIVLORA_REGISTRY_URL).")
+REG_TOKEN = typer.Option(None, "--token", envvar="PRIVLORA_REGISTRY_TOKEN", show_envvar=False,
+                         help="Your API token (or PRIVLORA_REGISTRY_TOKEN).")
+
+
+def _registry(url: str, token: str | None) -> Any:
+    from privlora.registry.client import RegistryClient
+
+    return RegistryClient(url, token or "")
+
+
+def _echo_json(value: Any) -> None:
+    import json
+
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@registry_app.command("init")
+@_one_line_errors
+def registry_init(
+    root: Path = typer.Option(Path("registry"), help="Folder for registry.db and the adapter blobs."),
+    admin: str = typer.Option(..., help="Name of the first admin (manages users only, reads no data)."),
+) -> None:
+    """Create a registry and its first admin; prints the admin's token once (stored hashed)."""
+    from privlora.registry.service import Refused, Registry
+
+    try:
+        token = Registry(root).bootstrap_admin(admin)
+    except Refused as e:
+        raise UserError(e.message) from None
+    typer.echo(token)
+
+
+@registry_app.command("serve")
+@_one_line_errors
+def registry_serve(
+    root: Path = typer.Option(Path("registry"), help="Folder of `registry init`."),
+    db: str = typer.Option(None, help="SQLAlchemy URL instead of root/registry.db (e.g. postgresql://…)."),
+    host: str = typer.Option("127.0.0.1", help="Interface (put TLS in front for other machines)."),
+    port: int = typer.Option(8770, help="TCP port."),
+    max_auc: float = typer.Option(0.6, "--max-auc", help="Export policy: strongest attack AUC in the latest audit."),
+    max_epsilon: float = typer.Option(10.0, "--max-epsilon", help="Export policy: largest ε in privacy.json."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (MiB); larger get 413."),
+) -> None:
+    """Serve the registry; every call but /health needs a token."""
+    import socket
+
+    import uvicorn
+
+    from privlora.registry.server import create_app
+    from privlora.registry.service import ExportPolicy, Registry
+
+    if not (root / "registry.db").exists() and db is None:
+        raise UserError(f"{root} holds no registry: run `privlora registry init --root {root} --admin NAME`")
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    registry = Registry(root, url=db, policy=ExportPolicy(max_auc, max_epsilon))
+    typer.echo(f"registry on http://{host}:{port} ({root})", err=True)
+    uvicorn.run(create_app(registry, max_body=int(max_body_mb * 2**20)), host=host, port=port, log_level="warning",
+                access_log=False)
+
+
+@registry_app.command("push")
+@_one_line_errors
+def registry_push(adapter: Path = typer.Argument(..., help="Run or adapter folder (safetensors)."),
+                  name: str = typer.Option(None, help="Name (default: the run folder's)."),
+                  url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """Store an adapter with its privacy.json and audit results; prints its id (sha256)."""
+    result = _registry(url, token).push(adapter, name)
+    typer.echo(result["id"])
+    for warning in result.get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@registry_app.command("list")
+@_one_line_errors
+def registry_list(url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """Adapters: id, name, owner, quarantine."""
+    for a in _registry(url, token).get("/adapters"):
+        typer.echo(f"{a['id'][:16]}  {a['name']:<24} {a['owner']:<12} {'QUARANTINED' if a['quarantined'] else ''}")
+
+
+@registry_app.command("show")
+@_one_line_errors
+def registry_show(adapter_id: str, url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """One adapter's record: config, privacy, latest audit, open incidents."""
+    _echo_json(_registry(url, token).get(f"/adapters/{adapter_id}"))
+
+
+@registry_app.command("pull")
+@_one_line_errors
+def registry_pull(adapter_id: str, out: Path = typer.Option(..., help="File to write (safetensors)."),
+                  url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """Download an adapter's weights (auditors only while it is quarantined)."""
+    typer.echo(f"wrote {_registry(url, token).download(f'/adapters/{adapter_id}/weights', out)}")
+
+
+@registry_app.command("export")
+@_one_line_errors
+def registry_export(adapter_id: str = typer.Argument(None, help="Adapter to request an export of."),
+                    download: int = typer.Option(None, help="Download an approved export by its number."),
+                    out: Path = typer.Option(None, help="File for --download."),
+                    url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """Request an export (someone else must approve it), or download an approved one."""
+    client = _registry(url, token)
+    if download is not None:
+        if out is None:
+            raise UserError("--download needs --out FILE")
+        typer.echo(f"wrote {client.download(f'/exports/{download}/download', out)}")
+    elif adapter_id:
+        typer.echo(f"export request {client.post('/exports', {'adapter': adapter_id})['export']}")
+    else:
+        raise UserError("give an adapter id to request an export, or --download N --out FILE")
+
+
+@registry_app.command("approve")
+@_one_line_errors
+def registry_approve(export_id: int, url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """Approve an export request (not your own; the adapter's latest audit must meet the policy)."""
+    result = _registry(url, token).post(f"/exports/{export_id}/approve")
+    typer.echo(f"export {result['export']} approved by {result['approver']}")
+
+
+@registry_app.command("users")
+@_one_line_errors
+def registry_users(add: str = typer.Option(None, help="Add a user with this name (admin); prints its token."),
+                   role: str = typer.Option("researcher", help="researcher | engineer | auditor | admin."),
+                   url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """List users, or add one (admins only)."""
+    client = _registry(url, token)
+    if add:
+        typer.echo(client.post("/users", {"name": add, "role": role})["token"])
+    else:
+        for u in client.get("/users"):
+            typer.echo(f"{u['name']:<16} {u['role']}")
+
+
+@registry_app.command("log")
+@_one_line_errors
+def registry_log(url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """The action log (auditors): who, what, when, result."""
+    import datetime
+
+    for e in _registry(url, token).get("/log"):
+        when = datetime.datetime.fromtimestamp(e["time"], tz=datetime.UTC).isoformat(timespec="seconds")
+        typer.echo(f"{e['seq']:>5} {when} {e['actor']:<12} {e['action']:<22} {e['target'][:20]:<20} {e['result']}")
+
+
+@registry_app.command("verify-log")
+@_one_line_errors
+def registry_verify_log(url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """Recompute the hash chain; exit 1 if any entry was edited, removed or moved."""
+    result = _registry(url, token).get("/log/verify")
+    if result["intact"]:
+        typer.echo(f"log intact; head {result['head']}")
+        return
+    for p in result["problems"]:
+        typer.echo(f"entry {p['seq']}: {p['message']}", err=True)
+    raise typer.Exit(1)
+
+
+@incident_app.command("open")
+@_one_line_errors
+def incident_open(adapter: str = typer.Option(..., "--adapter", help="Adapter id."),
+                  reason: str = typer.Option(..., help="What happened."),
+                  url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """Quarantine an adapter (only auditors can pull it) and record the incident."""
+    result = _registry(url, token).post("/incidents", {"adapter": adapter, "reason": reason})
+    typer.echo(f"incident {result['incident']} open; adapter {adapter[:16]} quarantined")
+
+
+@incident_app.command("close")
+@_one_line_errors
+def incident_close(incident: int = typer.Argument(..., help="Incident number."),
+                   resolution: str = typer.Option(..., help="How it was resolved (e.g. replaced by an unlearned "
+                                                  "version)."),
+                   url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """Record the resolution; the quarantine lifts when no incident on the adapter stays open."""
+    _registry(url, token).post(f"/incidents/{incident}/close", {"resolution": resolution})
+    typer.echo(f"incident {incident} closed")
+
+
 def main() -> None:
     """Console entry point."""
     app(prog_name="privlora")

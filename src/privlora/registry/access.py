@@ -8,7 +8,8 @@
 | admin | — (manages users only, reads no data) | — | — | — |
 
 Decisions the table leaves open, made here: an export is *requested* by a researcher and *approved* by a
-researcher or an auditor who is not the requester; a quarantined adapter can be pulled by auditors only.
+researcher or an auditor who is not the requester; a quarantined adapter can be pulled by auditors only;
+incidents are opened by researchers or auditors and closed by auditors; the action log is read by auditors.
 Every endpoint asks :func:`decide`, which never raises: denials carry a reason for the log and the 403.
 """
 
@@ -23,13 +24,14 @@ ROLES = ("researcher", "engineer", "auditor", "admin")
 TABLE: dict[str, dict[str, frozenset[str]]] = {
     "researcher": {"adapters": frozenset({"read", "write"}), "training_data": frozenset({"read_sanitized"}),
                    "generation_logs": frozenset({"read_metadata", "read_full"}),
-                   "export": frozenset({"request", "approve"})},
+                   "export": frozenset({"request", "approve"}), "incidents": frozenset({"open"})},
     "engineer": {"adapters": frozenset({"read"}), "generation_logs": frozenset({"read_metadata"})},
     "auditor": {"adapters": frozenset({"read"}), "training_data": frozenset({"read_sanitized", "read_full"}),
-                "generation_logs": frozenset({"read_metadata", "read_full"}), "export": frozenset({"approve"})},
+                "generation_logs": frozenset({"read_metadata", "read_full"}), "export": frozenset({"approve"}),
+                "incidents": frozenset({"open", "close"}), "log": frozenset({"read"})},
     "admin": {"users": frozenset({"manage"})},
 }
-RESOURCES = ("adapters", "training_data", "generation_logs", "export", "users")
+RESOURCES = ("adapters", "training_data", "generation_logs", "export", "users", "incidents", "log")
 
 
 @dataclass(frozen=True)

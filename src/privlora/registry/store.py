@@ -1,0 +1,176 @@
+"""The registry's records (SQLAlchemy Core: SQLite file by default, any SQLAlchemy URL) and blobs on disk.
+
+Adapters are content-addressed: the id is the sha256 of ``adapter_model.safetensors``; the blob is
+written to ``<root>/blobs/<id>.safetensors`` through a temporary file and a rename, so a failed or
+concurrent push never leaves half a file, and the same adapter pushed twice is stored once.
+API tokens are stored as their sha256 only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from privlora.registry.ledger import _META  # one metadata: the log lives in the same database
+
+USERS = sa.Table(
+    "users", _META,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("created", sa.Float, nullable=False),
+)
+ADAPTERS = sa.Table(
+    "adapters", _META,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("owner", sa.String(100), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("config", sa.Text, nullable=False),  # adapter_config.json
+    sa.Column("privacy", sa.Text, nullable=False),  # privacy.json ({} if none)
+    sa.Column("audit", sa.Text, nullable=False),  # latest audit results.json ({} if none)
+    sa.Column("quarantined", sa.Boolean, nullable=False, default=False),
+)
+EXPORTS = sa.Table(
+    "exports", _META,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter", sa.String(64), nullable=False),
+    sa.Column("requester", sa.String(100), nullable=False),
+    sa.Column("approver", sa.String(100), nullable=True),
+    sa.Column("status", sa.String(20), nullable=False),  # requested | approved
+    sa.Column("created", sa.Float, nullable=False),
+)
+INCIDENTS = sa.Table(
+    "incidents", _META,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("opened_by", sa.String(100), nullable=False),
+    sa.Column("opened", sa.Float, nullable=False),
+    sa.Column("resolution", sa.Text, nullable=True),
+    sa.Column("closed_by", sa.String(100), nullable=True),
+    sa.Column("closed", sa.Float, nullable=True),
+)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store:
+    """Rows in the database at ``url``; adapter blobs under ``root``."""
+
+    def __init__(self, url: str, root: Path) -> None:
+        self.engine = sa.create_engine(url)
+        _META.create_all(self.engine)
+        self.blobs = Path(root) / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+
+    # users
+    def add_user(self, name: str, role: str, token: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(USERS.insert().values(name=name, role=role, token_sha256=token_hash(token), created=time.time()))
+
+    def user_by_token(self, token: str) -> dict[str, Any] | None:
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(USERS.c.name, USERS.c.role).where(USERS.c.token_sha256 == token_hash(token))
+                             ).first()
+        return dict(row._mapping) if row else None
+
+    def users(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as db:
+            return [dict(r._mapping) for r in db.execute(sa.select(USERS.c.name, USERS.c.role, USERS.c.created))]
+
+    def has_user(self, name: str) -> bool:
+        with self.engine.connect() as db:
+            return db.execute(sa.select(USERS.c.name).where(USERS.c.name == name)).first() is not None
+
+    # adapters
+    def put_adapter(self, weights: bytes, *, name: str, owner: str, config: dict[str, Any],
+                    privacy: dict[str, Any], audit: dict[str, Any]) -> tuple[str, bool]:
+        """Store (idempotently); returns (id, created)."""
+        digest = hashlib.sha256(weights).hexdigest()
+        final = self.blobs / f"{digest}.safetensors"
+        if not final.exists():
+            fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".upload-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(weights)
+            os.replace(tmp, final)
+        with self.engine.begin() as db:
+            if db.execute(sa.select(ADAPTERS.c.id).where(ADAPTERS.c.id == digest)).first():
+                return digest, False
+            db.execute(ADAPTERS.insert().values(id=digest, name=name, owner=owner, created=time.time(),
+                                                config=json.dumps(config), privacy=json.dumps(privacy),
+                                                audit=json.dumps(audit), quarantined=False))
+        return digest, True
+
+    def adapter(self, adapter_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(ADAPTERS).where(ADAPTERS.c.id == adapter_id)).first()
+        if row is None:
+            return None
+        out = dict(row._mapping)
+        for key in ("config", "privacy", "audit"):
+            out[key] = json.loads(out[key])
+        return out
+
+    def adapters(self) -> list[dict[str, Any]]:
+        cols = [ADAPTERS.c.id, ADAPTERS.c.name, ADAPTERS.c.owner, ADAPTERS.c.created, ADAPTERS.c.quarantined]
+        with self.engine.connect() as db:
+            return [dict(r._mapping) for r in db.execute(sa.select(*cols).order_by(ADAPTERS.c.created))]
+
+    def weights(self, adapter_id: str) -> bytes:
+        return (self.blobs / f"{adapter_id}.safetensors").read_bytes()
+
+    def set_quarantine(self, adapter_id: str, value: bool) -> None:
+        with self.engine.begin() as db:
+            db.execute(ADAPTERS.update().where(ADAPTERS.c.id == adapter_id).values(quarantined=value))
+
+    def set_audit(self, adapter_id: str, audit: dict[str, Any]) -> None:
+        with self.engine.begin() as db:
+            db.execute(ADAPTERS.update().where(ADAPTERS.c.id == adapter_id).values(audit=json.dumps(audit)))
+
+    # exports
+    def request_export(self, adapter_id: str, requester: str) -> int:
+        with self.engine.begin() as db:
+            result = db.execute(EXPORTS.insert().values(adapter=adapter_id, requester=requester, status="requested",
+                                                        created=time.time()))
+            return int(result.inserted_primary_key[0])
+
+    def export(self, export_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(EXPORTS).where(EXPORTS.c.id == export_id)).first()
+        return dict(row._mapping) if row else None
+
+    def approve_export(self, export_id: int, approver: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(EXPORTS.update().where(EXPORTS.c.id == export_id).values(approver=approver, status="approved"))
+
+    # incidents
+    def open_incident(self, adapter_id: str, reason: str, by: str) -> int:
+        with self.engine.begin() as db:
+            result = db.execute(INCIDENTS.insert().values(adapter=adapter_id, reason=reason, opened_by=by,
+                                                          opened=time.time()))
+            return int(result.inserted_primary_key[0])
+
+    def incident(self, incident_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(INCIDENTS).where(INCIDENTS.c.id == incident_id)).first()
+        return dict(row._mapping) if row else None
+
+    def close_incident(self, incident_id: int, resolution: str, by: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(INCIDENTS.update().where(INCIDENTS.c.id == incident_id).values(
+                resolution=resolution, closed_by=by, closed=time.time()))
+
+    def open_incidents(self, adapter_id: str) -> int:
+        with self.engine.connect() as db:
+            return len(db.execute(sa.select(INCIDENTS.c.id).where(
+                (INCIDENTS.c.adapter == adapter_id) & INCIDENTS.c.closed.is_(None))).all())
