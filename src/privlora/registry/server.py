@@ -17,9 +17,9 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
+from privlora.httpapi import bearer, read_body, service_app
 from privlora.registry.service import Principal, Refused, Registry
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
@@ -27,24 +27,14 @@ log = logging.getLogger("privlora.registry")
 
 
 def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
-    app = FastAPI(title="privlora registry", docs_url=None, redoc_url=None, openapi_url=None)
+    app = service_app("privlora registry", log)
 
     def who(request: Request) -> Principal:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return registry.authenticate(token.strip() if scheme.lower() == "bearer" else "")
+        return registry.authenticate(bearer(request))
 
     async def json_body(request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_body):
-            raise Refused(413, f"request body over the {max_body} byte limit")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise Refused(413, f"request body over the {max_body} byte limit")
-            chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(await read_body(request, max_body))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise Refused(400, "request body is not JSON") from None
         if not isinstance(body, dict):
@@ -58,24 +48,6 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
         if not isinstance(value, kind):
             raise Refused(422, f"field {name!r} must be {kind.__name__}")
         return value
-
-    @app.exception_handler(Refused)
-    async def _refused(request: Request, exc: Refused) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": "malformed request"}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("registry error on %s", request.url.path)
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
 
     @app.get("/adapters")
     def list_adapters(request: Request) -> list[dict[str, Any]]:

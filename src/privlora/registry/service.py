@@ -11,18 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privlora.httpapi import Refusal
 from privlora.registry.access import ROLES, decide
 from privlora.registry.ledger import Ledger, verify
 from privlora.registry.safety import inspect_adapter
 from privlora.registry.store import Store
 
 
-class Refused(Exception):
+class Refused(Refusal):
     """An action the registry will not do: HTTP status and a one-line reason."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass(frozen=True)

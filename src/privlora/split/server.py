@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from privlora.httpapi import bearer, read_body, service_app
 from privlora.split.service import TopService
 from privlora.split.wire import WireError, pack, unpack
 
@@ -41,50 +41,21 @@ def create_app(service: TopService, token: str, *, out: Path | None = None,
     """The FastAPI app; ``token`` is required of every call but ``/health``."""
     if not token:
         raise ValueError("the split server needs a token")
-    app = FastAPI(title="privlora split server", docs_url=None, redoc_url=None, openapi_url=None)
+    app = service_app("privlora split server", log)
     expected = token.encode()
 
     def authorize(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        if not hmac.compare_digest(bearer(request).encode(), expected):
             raise WireError(401, "missing or wrong bearer token")
 
     async def body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_body):
-            raise WireError(413, f"request body over the {max_body} byte limit")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise WireError(413, f"request body over the {max_body} byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, max_body)
 
     def flag(request: Request, name: str) -> bool:
         value = request.query_params.get(name, "0")
         if value not in ("0", "1", "true", "false"):
             raise WireError(422, f"query parameter {name!r} must be 0 or 1")
         return value in ("1", "true")
-
-    @app.exception_handler(WireError)
-    async def _refused(request: Request, exc: WireError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": "malformed request"}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("split server error on %s", request.url.path)
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
 
     @app.get("/info")
     def info(request: Request) -> dict[str, Any]:

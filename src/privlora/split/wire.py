@@ -15,6 +15,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from privlora import tensorfiles
+from privlora.httpapi import Refusal
 
 #: safetensors dtype names → torch dtypes accepted on the wire
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -22,12 +23,8 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I
 MAX_HEADER = 64 * 1024
 
 
-class WireError(Exception):
-    """A request the server refuses: HTTP status and a one-line reason."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+class WireError(Refusal):
+    """A tensor payload the server refuses: HTTP status and a one-line reason."""
 
 
 @dataclass(frozen=True)

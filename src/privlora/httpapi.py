@@ -1,0 +1,65 @@
+"""What every privlora HTTP service shares: refusals as one-line JSON, a body-size limit enforced while
+streaming, the bearer token from the header, and a ``/health`` route. Used by the split server and the
+registry so both answer bad requests the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+
+class Refusal(Exception):
+    """A request a service will not serve: HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def bearer(request: Request) -> str:
+    """The token of an ``Authorization: Bearer …`` header ('' if absent or another scheme)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def read_body(request: Request, max_body: int) -> bytes:
+    """The request body, refused with 413 once it passes ``max_body`` (declared or counted while streaming)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+        raise Refusal(413, f"request body over the {max_body} byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body:
+            raise Refusal(413, f"request body over the {max_body} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def service_app(title: str, log: logging.Logger) -> FastAPI:
+    """A FastAPI app with no docs routes, ``/health``, and the shared error answers."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(Refusal)
+    async def _refused(request: Request, exc: Refusal) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": "malformed request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s: error on %s", title, request.url.path)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
