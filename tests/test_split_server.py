@@ -62,6 +62,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     proc.terminate()
     log = proc.communicate(timeout=60)[0]
     assert TOKEN not in log  # the token never reaches the server's log
+    assert "saved the adapter" in log  # SIGTERM: the shutdown handler saved what was trained
 
 
 def auth(token: str = TOKEN) -> dict[str, str]:

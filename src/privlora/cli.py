@@ -515,8 +515,6 @@ def split_serve(
     typer.echo(f"split server on http://{host}:{port}: {base} cut after block {depth} "
                f"({len(top.blocks)} blocks + head here, {num_labels} labels); adapter → {out}", err=True)
     serve(service, token, host=host, port=port, out=out, log_level=log_level, max_body=int(max_body_mb * 2**20))
-    if service.steps:
-        typer.echo(f"saved the adapter ({service.steps} steps) to {out}", err=True)
 
 
 @split_app.command("train")

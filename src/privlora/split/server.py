@@ -95,10 +95,21 @@ def create_app(service: TopService, token: str, *, out: Path | None = None,
 
 def serve(service: TopService, token: str, *, host: str = "127.0.0.1", port: int = 8765, out: Path | None = None,
           max_body: int = DEFAULT_MAX_BODY, log_level: str = "warning") -> None:
-    """Run until Ctrl-C / SIGTERM, then save the adapter (if ``out`` and any step was taken)."""
+    """Run until Ctrl-C / SIGTERM; on shutdown save the adapter (if ``out`` and any step was taken).
+
+    The save is a shutdown handler, not code after ``uvicorn.run``: uvicorn re-raises the signal it caught
+    once it has shut down, so nothing after ``run`` executes on SIGTERM.
+    """
+    import sys
+
     import uvicorn
 
     app = create_app(service, token, out=out, max_body=max_body)
+
+    def save_on_shutdown() -> None:
+        if out is not None and service.steps:
+            service.save(out)
+            print(f"saved the adapter ({service.steps} steps) to {out}", file=sys.stderr, flush=True)
+
+    app.router.add_event_handler("shutdown", save_on_shutdown)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level in ("info", "debug"))
-    if out is not None and service.steps:
-        service.save(out)
