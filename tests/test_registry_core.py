@@ -10,8 +10,8 @@ import pytest
 from privlora.registry.access import RESOURCES, ROLES, TABLE, decide
 from privlora.registry.ledger import Ledger, verify
 
-ACTIONS = {"adapters": ("read", "write"), "training_data": ("read_sanitized", "read_full"),
-           "generation_logs": ("read_metadata", "read_full"), "export": ("request", "approve"),
+ACTIONS = {"adapters": ("read", "write"), "training_data": ("read_sanitized", "read_full", "write"),
+           "generation_logs": ("read_metadata", "read_full", "write"), "export": ("request", "approve"),
            "users": ("manage",), "incidents": ("open", "close"), "log": ("read",)}
 # the seed's table, transcribed independently of access.TABLE: (role, resource, action) that are allowed
 ALLOWED = {
@@ -26,6 +26,8 @@ ALLOWED = {
     ("admin", "users", "manage"),
     ("researcher", "incidents", "open"), ("auditor", "incidents", "open"), ("auditor", "incidents", "close"),
     ("auditor", "log", "read"),
+    ("researcher", "training_data", "write"), ("researcher", "generation_logs", "write"),
+    ("engineer", "generation_logs", "write"),
 }
 CELLS = [(role, resource, action) for role in ROLES for resource in RESOURCES for action in ACTIONS[resource]]
 

@@ -93,7 +93,13 @@ ACTOR = {"researcher": "rex", "engineer": "eve", "auditor": "aud", "admin": "adm
 def fixtures(reg):
     main = call(reg, "ana", "POST", "/adapters", json=adapter_body(1, name="main")).json()["id"]
     export = call(reg, "ana", "POST", "/exports", json={"adapter": main}).json()["export"]
-    return {"main": main, "export": export}
+    data = {}
+    for kind in ("sanitized", "full"):
+        body = {"name": "tweets", "kind": kind, "data_b64": base64.b64encode(f"{kind} rows".encode()).decode()}
+        data[kind] = call(reg, "ana", "POST", "/datasets", json=body).json()["id"]
+    call(reg, "ana", "POST", "/generations", json={"adapter": main, "prompt": "a private prompt", "params": {"seed": 1},
+                                                   "image_b64": base64.b64encode(b"png bytes").decode()})
+    return {"main": main, "export": export, "data": data}
 
 
 def _cell_request(reg, fixtures, resource: str, action: str, who: str, k: int) -> httpx.Response:
@@ -116,18 +122,39 @@ def _cell_request(reg, fixtures, resource: str, action: str, who: str, k: int) -
         return call(reg, who, "POST", f"/incidents/{incident}/close", json={"resolution": "cell test"})
     if (resource, action) == ("log", "read"):
         return call(reg, who, "GET", "/log")
+    if resource == "training_data" and action.startswith("read_"):
+        kind = "full" if action == "read_full" else "sanitized"
+        return call(reg, who, "GET", f"/datasets/{fixtures['data'][kind]}/data")
+    if (resource, action) == ("training_data", "write"):
+        return call(reg, who, "POST", "/datasets", json={"name": f"d{k}", "kind": "sanitized",
+                                                         "data_b64": base64.b64encode(b"x%d" % k).decode()})
+    if (resource, action) == ("generation_logs", "write"):
+        return call(reg, who, "POST", "/generations", json={"adapter": fixtures["main"], "prompt": "p"})
+    if resource == "generation_logs":
+        return call(reg, who, "GET", "/generations")
     raise AssertionError((resource, action))
 
 
 HTTP_CELLS = [(role, res, act) for role in ROLES for res, act in [
     ("adapters", "read"), ("adapters", "write"), ("users", "manage"), ("export", "request"), ("export", "approve"),
-    ("incidents", "open"), ("incidents", "close"), ("log", "read")]]
+    ("incidents", "open"), ("incidents", "close"), ("log", "read"), ("training_data", "read_sanitized"),
+    ("training_data", "read_full"), ("training_data", "write"), ("generation_logs", "read_metadata"),
+    ("generation_logs", "read_full"), ("generation_logs", "write")]]
 
 
 @pytest.mark.parametrize("role, resource, action", HTTP_CELLS)
 def test_access_table_over_http(reg, fixtures, role, resource, action):
     k = HTTP_CELLS.index((role, resource, action))
     response = _cell_request(reg, fixtures, resource, action, ACTOR[role], k)
+    if (resource, action) == ("generation_logs", "read_full"):  # one route: what differs is the content
+        full = (role, resource, action) in ALLOWED
+        if response.status_code == 200:
+            rows = response.json()
+            assert rows and all(("prompt" in r) == full and ("image_sha256" in r) == full for r in rows), rows
+            assert full or all("params" in r for r in rows)  # metadata still there
+        else:
+            assert not full and response.status_code == 403
+        return
     if (role, resource, action) in ALLOWED:
         assert response.status_code == 200, response.text
     else:
@@ -250,3 +277,11 @@ def test_cli_errors_are_one_line(reg, tmp_path):
     assert_one_line_error(run_cli("registry", "push", str(tmp_path), "--url", reg["url"], "--token",
                                   reg["tokens"]["ana"]), "adapter")
     assert_one_line_error(run_cli("registry", "init", "--root", str(reg["root"]), "--admin", "x"), "already has users")
+
+
+def test_dataset_versions_by_role(reg, fixtures):
+    assert {d["kind"] for d in call(reg, "rex", "GET", "/datasets").json()} == {"sanitized"}
+    assert {d["kind"] for d in call(reg, "aud", "GET", "/datasets").json()} == {"sanitized", "full"}
+    assert call(reg, "eve", "GET", "/datasets").status_code == 403
+    got = call(reg, "aud", "GET", f"/datasets/{fixtures['data']['full']}/data")
+    assert got.status_code == 200 and got.content == b"full rows"

@@ -9,7 +9,9 @@
 
 Decisions the table leaves open, made here: an export is *requested* by a researcher and *approved* by a
 researcher or an auditor who is not the requester; a quarantined adapter can be pulled by auditors only;
-incidents are opened by researchers or auditors and closed by auditors; the action log is read by auditors.
+incidents are opened by researchers or auditors and closed by auditors; the action log is read by auditors;
+researchers upload dataset versions (a researcher may upload a full version it cannot read back);
+researchers and engineers (who serve the adapters) append generation logs.
 Every endpoint asks :func:`decide`, which never raises: denials carry a reason for the log and the 403.
 """
 
@@ -19,13 +21,15 @@ from dataclasses import dataclass
 
 ROLES = ("researcher", "engineer", "auditor", "admin")
 
-#: role → resource → actions. Actions: adapters read/write; training_data read_sanitized/read_full;
-#: generation_logs read_metadata/read_full; export request/approve; users manage.
+#: role → resource → actions. Actions: adapters read/write; training_data read_sanitized/read_full/write;
+#: generation_logs read_metadata/read_full/write; export request/approve; users manage; incidents open/close;
+#: log read.
 TABLE: dict[str, dict[str, frozenset[str]]] = {
-    "researcher": {"adapters": frozenset({"read", "write"}), "training_data": frozenset({"read_sanitized"}),
-                   "generation_logs": frozenset({"read_metadata", "read_full"}),
+    "researcher": {"adapters": frozenset({"read", "write"}),
+                   "training_data": frozenset({"read_sanitized", "write"}),
+                   "generation_logs": frozenset({"read_metadata", "read_full", "write"}),
                    "export": frozenset({"request", "approve"}), "incidents": frozenset({"open"})},
-    "engineer": {"adapters": frozenset({"read"}), "generation_logs": frozenset({"read_metadata"})},
+    "engineer": {"adapters": frozenset({"read"}), "generation_logs": frozenset({"read_metadata", "write"})},
     "auditor": {"adapters": frozenset({"read"}), "training_data": frozenset({"read_sanitized", "read_full"}),
                 "generation_logs": frozenset({"read_metadata", "read_full"}), "export": frozenset({"approve"}),
                 "incidents": frozenset({"open", "close"}), "log": frozenset({"read"})},

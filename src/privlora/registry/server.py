@@ -5,7 +5,9 @@ logs and acts. Refusals are 4xx ``{"error": "<one line>"}``; the server stays up
 Routes: ``GET /adapters``, ``POST /adapters`` (JSON: name, weights_b64, config, privacy, audit),
 ``GET /adapters/{id}``, ``GET /adapters/{id}/weights``, ``POST /exports`` (adapter),
 ``POST /exports/{id}/approve``, ``GET /exports/{id}/download``, ``GET|POST /users``, ``POST /incidents``
-(adapter, reason), ``POST /incidents/{id}/close`` (resolution), ``GET /log``, ``GET /log/verify``.
+(adapter, reason), ``POST /incidents/{id}/close`` (resolution), ``GET /log``, ``GET /log/verify``,
+``GET|POST /datasets`` (name, kind sanitized|full, data_b64), ``GET /datasets/{id}/data``,
+``GET|POST /generations`` (adapter, prompt, params, image_b64; metadata-only readers get neither prompt nor image).
 """
 
 from __future__ import annotations
@@ -107,6 +109,40 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
     async def close_incident(incident_id: int, request: Request) -> dict[str, Any]:
         principal = who(request)
         return registry.close_incident(principal, incident_id, field(await json_body(request), "resolution", str))
+
+    def b64(body: dict[str, Any], name: str, required: bool = True) -> bytes | None:
+        value = field(body, name, str, ... if required else "")
+        try:
+            return base64.b64decode(value, validate=True) if value else None
+        except binascii.Error:
+            raise Refused(422, f"{name} is not base64") from None
+
+    @app.get("/datasets")
+    def list_datasets(request: Request) -> list[dict[str, Any]]:
+        return registry.list_datasets(who(request))
+
+    @app.post("/datasets")
+    async def push_dataset(request: Request) -> dict[str, Any]:
+        principal = who(request)
+        body = await json_body(request)
+        return registry.push_dataset(principal, b64(body, "data_b64") or b"", name=field(body, "name", str),
+                                     kind=field(body, "kind", str))
+
+    @app.get("/datasets/{dataset_id}/data")
+    def pull_dataset(dataset_id: str, request: Request) -> Response:
+        return Response(registry.pull_dataset(who(request), dataset_id), media_type="application/octet-stream")
+
+    @app.get("/generations")
+    def generations(request: Request) -> list[dict[str, Any]]:
+        return registry.generation_logs(who(request))
+
+    @app.post("/generations")
+    async def log_generation(request: Request) -> dict[str, Any]:
+        principal = who(request)
+        body = await json_body(request)
+        return registry.log_generation(principal, adapter=field(body, "adapter", str),
+                                       prompt=field(body, "prompt", str), params=field(body, "params", dict, {}),
+                                       image=b64(body, "image_b64", False))
 
     @app.get("/log")
     def read_log(request: Request) -> list[dict[str, Any]]:

@@ -181,6 +181,43 @@ class Registry:
         self.ledger.append(who.name, "export.download", export["adapter"], "allowed")
         return self.store.weights(export["adapter"])
 
+    # --- dataset versions and generation logs --------------------------------------------------------------
+    def push_dataset(self, who: Principal, data: bytes, *, name: str, kind: str) -> dict[str, Any]:
+        self._gate(who, "training_data", "write", name)
+        if kind not in ("sanitized", "full"):
+            raise Refused(422, "dataset kind must be 'sanitized' or 'full'")
+        return {"id": self.store.put_dataset(data, name=name, kind=kind, owner=who.name), "kind": kind}
+
+    def list_datasets(self, who: Principal) -> list[dict[str, Any]]:
+        """The versions this role may read (sanitized for researchers, all for auditors)."""
+        full = decide(who.role, "training_data", "read_full").allowed
+        self._gate(who, "training_data", "read_full" if full else "read_sanitized", "*")
+        return [d for d in self.store.datasets() if full or d["kind"] == "sanitized"]
+
+    def pull_dataset(self, who: Principal, dataset_id: str) -> bytes:
+        dataset = self.store.dataset(dataset_id)
+        kind = dataset["kind"] if dataset else "sanitized"
+        self._gate(who, "training_data", "read_full" if kind == "full" else "read_sanitized", dataset_id)
+        if dataset is None:
+            raise Refused(404, f"no dataset {dataset_id}")
+        return self.store.blob(dataset_id, ".data")
+
+    def log_generation(self, who: Principal, *, adapter: str, prompt: str, params: dict[str, Any],
+                       image: bytes | None) -> dict[str, Any]:
+        self._gate(who, "generation_logs", "write", adapter)
+        self._adapter(adapter)
+        return {"generation": self.store.add_generation(adapter=adapter, actor=who.name, prompt=prompt,
+                                                        params=params, image=image)}
+
+    def generation_logs(self, who: Principal) -> list[dict[str, Any]]:
+        """Full entries (prompt, image hash) for full readers; metadata only (no prompt or image) otherwise."""
+        full = decide(who.role, "generation_logs", "read_full").allowed
+        self._gate(who, "generation_logs", "read_full" if full else "read_metadata", "*")
+        rows = self.store.generations()
+        if not full:
+            rows = [{k: v for k, v in r.items() if k not in ("prompt", "image_sha256")} for r in rows]
+        return rows
+
     # --- incidents ----------------------------------------------------------------------------------------
     def open_incident(self, who: Principal, adapter_id: str, reason: str) -> dict[str, Any]:
         self._gate(who, "incidents", "open", adapter_id)

@@ -47,6 +47,24 @@ EXPORTS = sa.Table(
     sa.Column("status", sa.String(20), nullable=False),  # requested | approved
     sa.Column("created", sa.Float, nullable=False),
 )
+DATASETS = sa.Table(
+    "datasets", _META,
+    sa.Column("id", sa.String(64), primary_key=True),  # sha256 of the bytes
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(20), nullable=False),  # sanitized | full
+    sa.Column("owner", sa.String(100), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+GENERATIONS = sa.Table(
+    "generations", _META,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter", sa.String(64), nullable=False),
+    sa.Column("actor", sa.String(100), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("params", sa.Text, nullable=False),  # metadata: seed, steps, … (no content)
+    sa.Column("prompt", sa.Text, nullable=False),  # content: only full readers see it
+    sa.Column("image_sha256", sa.String(64), nullable=True),  # content blob (blobs/<sha>.bin)
+)
 INCIDENTS = sa.Table(
     "incidents", _META,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -96,13 +114,7 @@ class Store:
     def put_adapter(self, weights: bytes, *, name: str, owner: str, config: dict[str, Any],
                     privacy: dict[str, Any], audit: dict[str, Any]) -> tuple[str, bool]:
         """Store (idempotently); returns (id, created)."""
-        digest = hashlib.sha256(weights).hexdigest()
-        final = self.blobs / f"{digest}.safetensors"
-        if not final.exists():
-            fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".upload-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(weights)
-            os.replace(tmp, final)
+        digest = self.put_blob(weights, ".safetensors")
         with self.engine.begin() as db:
             if db.execute(sa.select(ADAPTERS.c.id).where(ADAPTERS.c.id == digest)).first():
                 return digest, False
@@ -125,6 +137,53 @@ class Store:
         cols = [ADAPTERS.c.id, ADAPTERS.c.name, ADAPTERS.c.owner, ADAPTERS.c.created, ADAPTERS.c.quarantined]
         with self.engine.connect() as db:
             return [dict(r._mapping) for r in db.execute(sa.select(*cols).order_by(ADAPTERS.c.created))]
+
+    def put_blob(self, data: bytes, suffix: str) -> str:
+        """Content-addressed blob (temporary file + rename); returns its sha256."""
+        digest = hashlib.sha256(data).hexdigest()
+        final = self.blobs / f"{digest}{suffix}"
+        if not final.exists():
+            fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".upload-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        return digest
+
+    def blob(self, digest: str, suffix: str) -> bytes:
+        return (self.blobs / f"{digest}{suffix}").read_bytes()
+
+    # datasets and generation logs
+    def put_dataset(self, data: bytes, *, name: str, kind: str, owner: str) -> str:
+        digest = self.put_blob(data, ".data")
+        with self.engine.begin() as db:
+            if not db.execute(sa.select(DATASETS.c.id).where(DATASETS.c.id == digest)).first():
+                db.execute(DATASETS.insert().values(id=digest, name=name, kind=kind, owner=owner, created=time.time()))
+        return digest
+
+    def dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(DATASETS).where(DATASETS.c.id == dataset_id)).first()
+        return dict(row._mapping) if row else None
+
+    def datasets(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as db:
+            return [dict(r._mapping) for r in db.execute(sa.select(DATASETS).order_by(DATASETS.c.created))]
+
+    def add_generation(self, *, adapter: str, actor: str, prompt: str, params: dict[str, Any],
+                       image: bytes | None) -> int:
+        image_sha = self.put_blob(image, ".bin") if image else None
+        with self.engine.begin() as db:
+            result = db.execute(GENERATIONS.insert().values(adapter=adapter, actor=actor, created=time.time(),
+                                                            params=json.dumps(params), prompt=prompt,
+                                                            image_sha256=image_sha))
+            return int(result.inserted_primary_key[0])
+
+    def generations(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as db:
+            rows = [dict(r._mapping) for r in db.execute(sa.select(GENERATIONS).order_by(GENERATIONS.c.id))]
+        for r in rows:
+            r["params"] = json.loads(r["params"])
+        return rows
 
     def weights(self, adapter_id: str) -> bytes:
         return (self.blobs / f"{adapter_id}.safetensors").read_bytes()
