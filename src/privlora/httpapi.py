@@ -1,11 +1,12 @@
 """What every privlora HTTP service shares: refusals as one-line JSON, a body-size limit enforced while
-streaming, the bearer token from the header, and a ``/health`` route. Used by the split server and the
-registry so both answer bad requests the same way.
+streaming, the bearer token from the header, a ``/health`` route, and (client side) reading a refusal.
+Used by the split server and the registry so both answer bad requests the same way.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +19,14 @@ class Refusal(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def refusal_reason(response: Any) -> str:
+    """The one-line reason of a 4xx/5xx answer from a privlora service (its ``error``), for the clients."""
+    try:
+        return str(response.json().get("error", response.text))
+    except (ValueError, AttributeError):
+        return response.text[:200]
 
 
 def bearer(request: Request) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from privlora.errors import UserError
+from privlora.httpapi import refusal_reason
 
 TOKEN_ENV, URL_ENV = "PRIVLORA_REGISTRY_TOKEN", "PRIVLORA_REGISTRY_URL"
 
@@ -30,10 +31,7 @@ class RegistryClient:
             raise UserError(f"cannot reach the registry at {self.url} ({type(e).__name__}); is "
                             "`privlora registry serve` running?") from None
         if response.status_code >= 400:
-            try:
-                reason = response.json().get("error", response.text)
-            except ValueError:
-                reason = response.text[:200]
+            reason = refusal_reason(response)
             raise UserError(f"registry refused {method} {path} ({response.status_code}): {reason}")
         return response
 

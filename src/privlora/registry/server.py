@@ -51,6 +51,13 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
             raise Refused(422, f"field {name!r} must be {kind.__name__}")
         return value
 
+    def b64(body: dict[str, Any], name: str, required: bool = True) -> bytes | None:
+        value = field(body, name, str, ... if required else "")
+        try:
+            return base64.b64decode(value, validate=True) if value else None
+        except binascii.Error:
+            raise Refused(422, f"{name} is not base64") from None
+
     @app.get("/adapters")
     def list_adapters(request: Request) -> list[dict[str, Any]]:
         return registry.list(who(request))
@@ -59,12 +66,9 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
     async def push(request: Request) -> dict[str, Any]:
         principal = who(request)
         body = await json_body(request)
-        try:
-            weights = base64.b64decode(field(body, "weights_b64", str), validate=True)
-        except binascii.Error:
-            raise Refused(422, "weights_b64 is not base64") from None
-        return registry.push(principal, weights, name=field(body, "name", str), config=field(body, "config", dict),
-                             privacy=field(body, "privacy", dict, {}), audit=field(body, "audit", dict, {}))
+        return registry.push(principal, b64(body, "weights_b64") or b"", name=field(body, "name", str),
+                             config=field(body, "config", dict), privacy=field(body, "privacy", dict, {}),
+                             audit=field(body, "audit", dict, {}))
 
     @app.get("/adapters/{adapter_id}")
     def show(adapter_id: str, request: Request) -> dict[str, Any]:
@@ -109,13 +113,6 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
     async def close_incident(incident_id: int, request: Request) -> dict[str, Any]:
         principal = who(request)
         return registry.close_incident(principal, incident_id, field(await json_body(request), "resolution", str))
-
-    def b64(body: dict[str, Any], name: str, required: bool = True) -> bytes | None:
-        value = field(body, name, str, ... if required else "")
-        try:
-            return base64.b64decode(value, validate=True) if value else None
-        except binascii.Error:
-            raise Refused(422, f"{name} is not base64") from None
 
     @app.get("/datasets")
     def list_datasets(request: Request) -> list[dict[str, Any]]:

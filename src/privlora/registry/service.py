@@ -145,7 +145,8 @@ class Registry:
     def pull(self, who: Principal, adapter_id: str) -> tuple[dict[str, Any], bytes]:
         adapter = self.store.adapter(adapter_id)
         self._gate(who, "adapters", "read", adapter_id, quarantined=bool(adapter and adapter["quarantined"]))
-        adapter = self._adapter(adapter_id)
+        if adapter is None:
+            raise Refused(404, f"no adapter {adapter_id}")
         return adapter, self.store.weights(adapter_id)
 
     # --- export: request, approval by someone else, download by the requester -------------------------------

@@ -45,11 +45,16 @@ def token_recovery(recovered: torch.Tensor, input_ids: torch.Tensor, attention_m
     tokenizer, so counting them would credit an attack with what it never had to find. ``nan`` when no
     token counts (an empty batch has no recovery rate, not a zero one).
     """
-    counted = attention_mask.bool() & ~torch.isin(input_ids, _ids_tensor(special_ids, input_ids))
+    counted = counted_tokens(input_ids, attention_mask, special_ids)
     total = int(counted.sum())
     if total == 0:
         return float("nan")
     return int((recovered.to(input_ids.device) == input_ids)[counted].sum()) / total
+
+
+def counted_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: frozenset[int]) -> torch.Tensor:
+    """The positions an inversion is scored on: real (unpadded), non-special tokens, ``[B, T]`` bool."""
+    return attention_mask.bool() & ~torch.isin(input_ids, _ids_tensor(special_ids, input_ids))
 
 
 def _ids_tensor(ids: frozenset[int], like: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from privlora.errors import UserError
+from privlora.httpapi import refusal_reason
 from privlora.split.wire import Expect, WireError, pack, unpack
 
 
@@ -49,10 +50,7 @@ class HttpTop:
         self.bytes_sent += len(kwargs.get("content", b""))
         self.bytes_received += len(response.content)
         if response.status_code >= 400:
-            try:
-                reason = response.json().get("error", response.text)
-            except ValueError:
-                reason = response.text[:200]
+            reason = refusal_reason(response)
             raise UserError(f"split server refused {path} ({response.status_code}): {reason}")
         return response
 

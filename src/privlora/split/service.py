@@ -107,10 +107,7 @@ class TopService:
         (trainable bottom), else ``None``.
         """
         with self._cond:
-            pending = self._pending
-            if pending is None or not secrets.compare_digest(pending.step_id, step_id):
-                raise WireError(409, "unknown or expired step id (forward with train=1 first; a step "
-                                     f"lease lasts {self.lease_timeout:g} s)")
+            pending = self._step(step_id)
             if tuple(grad_logits.shape) != tuple(pending.logits.shape):
                 raise WireError(422, f"grad_logits shape {list(grad_logits.shape)} does not match the step's "
                                      f"logits {list(pending.logits.shape)}")
@@ -130,11 +127,15 @@ class TopService:
     def pending_batch(self, step_id: str) -> int:
         """Batch size of the step ``step_id`` (to validate its backward request before decoding it)."""
         with self._cond:
-            pending = self._pending
-            if pending is None or not secrets.compare_digest(pending.step_id, step_id):
-                raise WireError(409, "unknown or expired step id (forward with train=1 first; a step "
-                                     f"lease lasts {self.lease_timeout:g} s)")
-            return int(pending.logits.shape[0])
+            return int(self._step(step_id).logits.shape[0])
+
+    def _step(self, step_id: str) -> _Pending:
+        """The step awaiting its backward, if ``step_id`` names it (call with the lock held)."""
+        pending = self._pending
+        if pending is None or not secrets.compare_digest(pending.step_id, step_id):
+            raise WireError(409, "unknown or expired step id (forward with train=1 first; a step "
+                                 f"lease lasts {self.lease_timeout:g} s)")
+        return pending
 
     def save(self, path: Path) -> dict[str, Any]:
         """Write the adapter (peft SEQ_CLS folder for the full base model) atomically."""

@@ -130,15 +130,15 @@ def run_point(point: SweepPoint, settings: SweepSettings, train_data: TextSet, e
     if point.privatizer == "cti":
         row["cti_tokens"] = len(privatizer.contributing)
     # EIA on held-out texts
-    recovered, total = [], 0.0
+    recovered, total = 0, 0  # pooled over batches of different lengths
     for ids, mask, observed in _states(bottom, privatizer, eval_data.texts[:settings.attack_texts], generator):
         guess = (attacks.eia_nearest(bottom, observed, mask) if point.depth == 0 else
                  attacks.eia_optimize(bottom, observed, mask, steps=settings.eia_steps, generator=generator))
-        n = int(((mask == 1) & ~torch.isin(ids, torch.tensor(sorted(bottom.special_ids)))).sum())
-        recovered.append(attacks.token_recovery(guess, ids, mask, bottom.special_ids) * n)
-        total += n
+        counted = attacks.counted_tokens(ids, mask, bottom.special_ids)
+        recovered += int((guess == ids)[counted].sum())
+        total += int(counted.sum())
     row["eia"] = "nearest" if point.depth == 0 else "optimization"
-    row["eia_recovery"] = round(sum(recovered) / max(total, 1), 4)
+    row["eia_recovery"] = round(recovered / max(total, 1), 4)
     row["eia_privacy"] = round(attacks.empirical_privacy(row["eia_recovery"]), 4)
     if aia is not None:
         texts, labels = aia
