@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -47,6 +48,33 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(final)
+
+
+def rename_dir(src: Path, dst: Path) -> None:
+    """Rename the directory ``src`` to ``dst`` (which must not exist) in one step where the file system can.
+
+    Gramine's encrypted mounts (``privlora tee``: the run folder inside an SGX enclave) rename only regular
+    files and answer ENOSYS for a directory; there the files move one by one (each rename re-binds the
+    encrypted file to its new path) and ``src`` is removed. That fallback is not atomic: an interruption
+    leaves part of the run in ``dst`` and the rest in ``src``.
+    """
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+    os.mkdir(dst)
+    for root, dirs, files in os.walk(src):
+        target = Path(dst) / Path(root).relative_to(src)
+        for name in dirs:
+            os.mkdir(target / name)
+        for name in files:
+            os.rename(Path(root) / name, target / name)
+    for root, dirs, _ in os.walk(src, topdown=False):
+        for name in dirs:
+            os.rmdir(Path(root) / name)
+    os.rmdir(src)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

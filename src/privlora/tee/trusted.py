@@ -1,0 +1,182 @@
+"""What ``privlora train`` reads, as host paths: the interpreter, its standard library, the installed
+distributions a training run imports (and what they require), privlora itself.
+
+Everything here becomes an ``sgx.trusted_files`` entry: ``gramine-sgx-sign`` hashes each file into the
+signed manifest and the enclave refuses any file whose hash differs, so the host cannot swap code or
+weights. Entries are whole top-level folders of site-packages (``torch/``, ``numpy.libs/``): packages import
+their own submodules and data files lazily, and a missing file inside an enclave is an ``EACCES`` at some
+late point of training, not an import error at startup.
+
+The distribution set is computed from installed metadata (``Requires-Dist``, markers evaluated, extras not
+followed), starting from :data:`TRAIN_DISTRIBUTIONS` — not from privlora's whole dependency list, which also
+pulls Flower/Ray, spaCy and the registry server that a training run never imports.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import sysconfig
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from privlora.errors import UserError
+
+#: distributions ``privlora train`` imports on every path (CLI, config, Task, loop, DP, utility metrics)
+TRAIN_DISTRIBUTIONS = ("torch", "numpy", "diffusers", "transformers", "peft", "opacus", "accelerate",
+                       "safetensors", "pydantic", "pyyaml", "typer", "rich", "pillow", "scipy")
+
+#: standard-library folders a training run never needs (tests, IDLE, Tk, static libpython for embedding)
+STDLIB_SKIP = ("site-packages", "dist-packages", "test", "idlelib", "turtledemo", "tkinter", "ensurepip",
+               "lib2to3", "__phello__")
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """The running Python as host paths (the one that runs ``privlora train`` inside the enclave)."""
+
+    executable: Path  # as invoked (a venv's bin/python, possibly a symlink): argv[0] and libos.entrypoint
+    binary: Path  # the real ELF file behind the symlinks
+    prefix: Path  # sys.prefix (the venv)
+    base_prefix: Path  # the installation the venv was made from
+    libdir: Path | None  # where libpython lives (shared builds)
+    entries: tuple[Path, ...]  # files and folders to trust
+
+
+def interpreter() -> Interpreter:
+    exe = Path(sys.executable)
+    if not exe.is_absolute() or not exe.exists():
+        raise UserError(f"cannot locate the Python interpreter ({sys.executable!r}); run privlora from an "
+                        "installed interpreter or virtual environment")
+    entries: list[Path] = [exe, exe.resolve()]
+    prefix, base = Path(sys.prefix), Path(sys.base_prefix)
+    if (prefix / "pyvenv.cfg").is_file():  # CPython finds the venv (and its site-packages) through this
+        entries.append(prefix / "pyvenv.cfg")
+    libdir: Path | None = None
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        libdir = Path(sysconfig.get_config_var("LIBDIR"))
+        soname = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY")
+        if soname and (libdir / soname).exists():
+            entries.append(libdir / soname)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for child in sorted(stdlib.iterdir()):
+        if child.name in STDLIB_SKIP or child.name.startswith("config-"):
+            continue
+        entries.append(child)
+    platstdlib = Path(sysconfig.get_path("platstdlib", vars={"platbase": sys.base_exec_prefix,
+                                                            "base": sys.base_prefix}))
+    dynload = platstdlib / "lib-dynload"
+    if dynload.is_dir() and not dynload.is_relative_to(stdlib):
+        entries.append(dynload)
+    zipped = stdlib.parent / f"python{sys.version_info[0]}{sys.version_info[1]}.zip"
+    if zipped.is_file():
+        entries.append(zipped)
+    return Interpreter(exe, exe.resolve(), prefix, base, libdir, tuple(entries))
+
+
+def _requirement_names(dist: metadata.Distribution) -> list[str]:
+    """``Requires-Dist`` names whose markers hold here, extras not followed."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    names = []
+    for text in dist.requires or ():
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        names.append(req.name)
+    return names
+
+
+def _canonical(name: str) -> str:
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(name)
+
+
+def distribution_closure(roots: Iterable[str]) -> list[metadata.Distribution]:
+    """The installed distributions ``roots`` need, transitively. A root that is not installed is a user
+    error (privlora would fail to import it); a missing optional transitive requirement is skipped."""
+    seen: dict[str, metadata.Distribution] = {}
+    todo = [(name, True) for name in roots]
+    while todo:
+        name, required = todo.pop()
+        key = _canonical(name)
+        if key in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            if required:
+                raise UserError(f"package {name!r} is not installed in {sys.prefix}; install privlora's "
+                                "dependencies there (pip install -e .) before generating the manifest") from None
+            continue
+        seen[key] = dist
+        todo.extend((req, False) for req in _requirement_names(dist))
+    return [seen[k] for k in sorted(seen)]
+
+
+def _site_dir(dist: metadata.Distribution) -> Path:
+    return Path(str(dist.locate_file(""))).resolve()
+
+
+def _record_tops(dist: metadata.Distribution) -> set[str]:
+    """First path components of the files a distribution installed (RECORD, read as text: building
+    ``dist.files`` makes ~100k PackagePath objects for this venv and takes seconds)."""
+    text = dist.read_text("RECORD")
+    if text is None:  # egg-info or a hand-made install: fall back to the generic listing
+        return {Path(str(f)).parts[0] for f in dist.files or () if Path(str(f)).parts}
+    tops = set()
+    for line in text.splitlines():
+        path = line.rsplit(",", 2)[0].strip('"') if line.count(",") >= 2 else line
+        if path:
+            tops.add(path.split("/", 1)[0])
+    return tops
+
+
+def top_level_entries(dist: metadata.Distribution) -> list[Path]:
+    """The top-level files and folders a distribution installed into its site-packages (from RECORD):
+    ``torch/``, ``torchgen/``, ``numpy.libs/``, ``typing_extensions.py``, its ``.dist-info``, …"""
+    site = _site_dir(dist)
+    # ".." entries are scripts in bin/ and data files outside site-packages
+    return sorted(site / top for top in _record_tops(dist) if top not in ("", "..") and (site / top).exists())
+
+
+def site_entries(dists: Iterable[metadata.Distribution]) -> list[Path]:
+    """Trusted entries in site-packages for ``dists``, plus what Python itself reads there at startup
+    and while importing: every ``.pth`` file (``site`` executes them), the distributions that own them
+    (``distutils-precedence.pth`` imports setuptools' ``_distutils_hack``) and every ``.dist-info``
+    folder — transformers and diffusers probe optional packages with ``importlib.metadata``, which opens
+    the METADATA of whatever is installed, and an untrusted file there fails with ``EACCES`` rather than
+    "not installed"."""
+    dists = list(dists)
+    entries: set[Path] = set()
+    sites = {_site_dir(d) for d in dists}
+    for dist in dists:
+        entries.update(top_level_entries(dist))
+    pth_owners: list[metadata.Distribution] = []
+    for site in sorted(sites):
+        for child in site.iterdir():
+            if child.suffix == ".pth" or child.name.endswith((".dist-info", ".egg-info")):
+                entries.add(child)
+    pths = {p for p in entries if p.suffix == ".pth"}
+    for dist in metadata.distributions():
+        site = _site_dir(dist)
+        if any((site / top) in pths for top in _record_tops(dist) if top.endswith(".pth")):
+            pth_owners.append(dist)
+    for dist in pth_owners:
+        entries.update(top_level_entries(dist))
+    return sorted(entries)
+
+
+@functools.lru_cache(maxsize=8)
+def python_environment(roots: tuple[str, ...]) -> tuple[Interpreter, tuple[Path, ...], tuple[Path, ...]]:
+    """(interpreter, site-packages entries, site-packages folders) for the distributions ``roots`` need;
+    cached per process (reading ~300 RECORD files is the slow part of building a manifest)."""
+    dists = distribution_closure(roots)
+    sites = tuple(sorted({_site_dir(d) for d in dists}))
+    return interpreter(), tuple(site_entries(dists)), sites
