@@ -39,15 +39,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	bash scripts/demo.sh
 
+# Two pytest workers (pytest-xdist), one per core; each test file stays on one worker so its module
+# fixtures (trained runs, started servers) are built once. Tests are single-threaded (conftest).
+TEST_WORKERS ?= 2
 test: $(STAMP) $(VENV)/.debian
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Debian's chromium renders the audit report in the slow browser test (root on the CI-class machine).
 $(VENV)/.chromium: | $(VENV)/bin/python
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $@
 
-test-slow: $(STAMP) $(VENV)/.chromium $(VENV)/.debian
+# Debian's PostgreSQL: the registry's slow test starts a real server from it (initdb/pg_ctl, as the postgres user)
+$(VENV)/.postgresql: | $(VENV)/bin/python
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql)
+	touch $@
+
+test-slow: $(STAMP) $(VENV)/.chromium $(VENV)/.debian $(VENV)/.postgresql
 	$(PY) -m pytest -q -m slow
 
 # Debian's Tesseract: presidio-image-redactor's OCR, the baseline of benchmarks/sanitize_throughput.py

@@ -12,7 +12,7 @@ from privlora.registry.ledger import Ledger, verify
 
 ACTIONS = {"adapters": ("read", "write"), "training_data": ("read_sanitized", "read_full", "write"),
            "generation_logs": ("read_metadata", "read_full", "write"), "export": ("request", "approve"),
-           "users": ("manage",), "incidents": ("open", "close"), "log": ("read",)}
+           "users": ("manage",), "incidents": ("open", "read", "close", "report"), "log": ("read",)}
 # the seed's table, transcribed independently of access.TABLE: (role, resource, action) that are allowed
 ALLOWED = {
     ("researcher", "adapters", "read"), ("researcher", "adapters", "write"),
@@ -25,6 +25,7 @@ ALLOWED = {
     ("auditor", "generation_logs", "read_full"), ("auditor", "export", "approve"),
     ("admin", "users", "manage"),
     ("researcher", "incidents", "open"), ("auditor", "incidents", "open"), ("auditor", "incidents", "close"),
+    ("researcher", "incidents", "read"), ("auditor", "incidents", "read"), ("auditor", "incidents", "report"),
     ("auditor", "log", "read"),
     ("researcher", "training_data", "write"), ("researcher", "generation_logs", "write"),
     ("engineer", "generation_logs", "write"),
@@ -127,3 +128,38 @@ def test_concurrent_appends_lose_nothing(tmp_path):
     entries = log.entries()
     assert len(entries) == 200 and verify(entries) == []
     assert {e["target"] for e in entries} == {f"a{k}-{i}" for k in range(8) for i in range(25)}
+
+
+def _audit(**attacks: tuple[float, float]) -> dict:
+    return {"attacks": {k: {"adapter": {"auc": a}, "base_control": {"auc": b}} for k, (a, b) in attacks.items()}}
+
+
+def test_export_policy_bounds_what_the_adapter_adds_over_its_control():
+    from privlora.registry.service import ExportPolicy
+
+    policy = ExportPolicy()  # the server's defaults: +0.05 AUC over the base model, ε ≤ 10
+    dp = {"audit": _audit(loss=(0.549, 0.549), pia=(0.609, 0.602)), "privacy": {"epsilon": 8.0}}  # README's DP demo
+    plain = {"audit": _audit(loss=(0.724, 0.549), pia=(0.714, 0.602)), "privacy": {"mechanism": "none"}}
+    assert policy.check(dp) is None
+    assert "attack loss: AUC 0.724 is +0.175 over the base model's 0.549" in policy.check(plain)
+    assert "0.609 > policy 0.6" in ExportPolicy(max_auc=0.6).check(dp)  # an absolute bound also judges the data
+    assert "no audit attached" in policy.check({"audit": {}, "privacy": {}})
+    assert "ε 12 > policy 10" in policy.check({**dp, "privacy": {"epsilon": 12.0}})
+    bare = {"audit": {"attacks": {"loss": {"auc": 0.58}}}, "privacy": {}}  # no control: measured against chance
+    assert "over chance (0.5)" in policy.check(bare)
+    assert ExportPolicy(max_auc_gain=None, max_epsilon=None).check(bare) is None
+
+
+def test_a_registry_from_an_older_version_gains_the_new_tables_and_columns(tmp_path):
+    from privlora.registry.store import Store
+
+    with sqlite3.connect(tmp_path / "registry.db") as db:  # the datasets table as the first version made it
+        db.execute("CREATE TABLE datasets (id VARCHAR(64) PRIMARY KEY, name VARCHAR(200) NOT NULL, "
+                   "kind VARCHAR(20) NOT NULL, owner VARCHAR(100) NOT NULL, created FLOAT NOT NULL)")
+        db.execute("INSERT INTO datasets VALUES ('old', 'tweets', 'sanitized', 'ana', 1.0)")
+    store = Store(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path)
+    new = store.put_dataset(b"rows", name="faces", kind="full", owner="ana", fmt="tar")
+    assert store.dataset("old")["format"] is None and store.dataset(new)["format"] == "tar"
+    with sqlite3.connect(tmp_path / "registry.db") as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"adapter_files", "incident_reports", "audit_log"} <= tables

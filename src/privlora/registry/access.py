@@ -9,7 +9,9 @@
 
 Decisions the table leaves open, made here: an export is *requested* by a researcher and *approved* by a
 researcher or an auditor who is not the requester; a quarantined adapter can be pulled by auditors only;
-incidents are opened by researchers or auditors and closed by auditors; the action log is read by auditors;
+incidents are opened and read by researchers or auditors, closed by auditors, and only auditors attach a
+re-audit report (they alone may pull a quarantined adapter and read the full data it needs); a run's
+splits.json (which records were trained on) is read like sanitized training data; the action log is read by auditors;
 researchers upload dataset versions (a researcher may upload a full version it cannot read back);
 researchers and engineers (who serve the adapters) append generation logs.
 Every endpoint asks :func:`decide`, which never raises: denials carry a reason for the log and the 403.
@@ -22,17 +24,17 @@ from dataclasses import dataclass
 ROLES = ("researcher", "engineer", "auditor", "admin")
 
 #: role → resource → actions. Actions: adapters read/write; training_data read_sanitized/read_full/write;
-#: generation_logs read_metadata/read_full/write; export request/approve; users manage; incidents open/close;
-#: log read.
+#: generation_logs read_metadata/read_full/write; export request/approve; users manage; incidents
+#: open/read/close/report; log read.
 TABLE: dict[str, dict[str, frozenset[str]]] = {
     "researcher": {"adapters": frozenset({"read", "write"}),
                    "training_data": frozenset({"read_sanitized", "write"}),
                    "generation_logs": frozenset({"read_metadata", "read_full", "write"}),
-                   "export": frozenset({"request", "approve"}), "incidents": frozenset({"open"})},
+                   "export": frozenset({"request", "approve"}), "incidents": frozenset({"open", "read"})},
     "engineer": {"adapters": frozenset({"read"}), "generation_logs": frozenset({"read_metadata", "write"})},
     "auditor": {"adapters": frozenset({"read"}), "training_data": frozenset({"read_sanitized", "read_full"}),
                 "generation_logs": frozenset({"read_metadata", "read_full"}), "export": frozenset({"approve"}),
-                "incidents": frozenset({"open", "close"}), "log": frozenset({"read"})},
+                "incidents": frozenset({"open", "read", "close", "report"}), "log": frozenset({"read"})},
     "admin": {"users": frozenset({"manage"})},
 }
 RESOURCES = ("adapters", "training_data", "generation_logs", "export", "users", "incidents", "log")

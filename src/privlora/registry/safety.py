@@ -1,10 +1,11 @@
 """Is an uploaded adapter safe to store and load? Checked from the bytes, before any tensor is built.
 
 * pickle (or torch zip) content is refused outright — loading it can run code;
-* the safetensors header must hold only floating-point LoRA tensors (``…lora_A.weight`` [r, in],
-  ``…lora_B.weight`` [out, r], one rank for all) plus optional head tensors (``classifier.*``), each A
-  with its B, and — when the base model's shapes are given — every layer must exist in the base with
-  the matching in/out sizes;
+* the safetensors header must hold only floating-point LoRA tensors (``…lora_A.weight`` [r, in] and
+  ``…lora_B.weight`` [out, r]; for convolutions, as peft stores them, [r, in, kh, kw] and [out, r, 1, 1]),
+  one rank for all, plus optional head tensors (``classifier.*``), each A with its B, and — when the base
+  model's shapes are given (:mod:`privlora.registry.bases`) — every layer must exist in the base with the
+  matching weight shape ([out, in] or [out, in, kh, kw]);
 * a spectrum scan (ΔW = B·A per layer, :mod:`privlora.audit.spectrum`) warns when one direction holds
   almost all of a layer's energy: a LoRA can carry a backdoor as a rank-1 trigger (LoRA-as-an-Attack,
   2024). A warning, not a refusal: a tiny rank-1 adapter looks the same.
@@ -37,9 +38,9 @@ def _layer(key: str) -> tuple[str, str] | None:
     return None
 
 
-def inspect_adapter(weights: bytes, *, base_shapes: dict[str, tuple[int, int]] | None = None,
+def inspect_adapter(weights: bytes, *, base_shapes: dict[str, tuple[int, ...]] | None = None,
                     scan_spectrum: bool = True) -> AdapterReport:
-    """Validate an ``adapter_model.safetensors``; ``base_shapes`` maps module name → (out, in)."""
+    """Validate an ``adapter_model.safetensors``; ``base_shapes`` maps module name → its weight's shape."""
     report = AdapterReport(ok=False)
     try:
         header = read_header(weights)
@@ -57,8 +58,9 @@ def inspect_adapter(weights: bytes, *, base_shapes: dict[str, tuple[int, int]] |
                 report.errors.append(f"{key}: neither a LoRA tensor nor a classification head")
             continue
         layer, part = found
-        if len(info["shape"]) != 2:
-            report.errors.append(f"{key}: LoRA tensors are matrices, got shape {info['shape']}")
+        if len(info["shape"]) not in (2, 4):
+            report.errors.append(f"{key}: LoRA tensors are matrices (or 4-d convolution kernels), got shape "
+                                 f"{info['shape']}")
             continue
         pairs.setdefault(layer, {})[part] = info["shape"]
     ranks = set()
@@ -66,16 +68,21 @@ def inspect_adapter(weights: bytes, *, base_shapes: dict[str, tuple[int, int]] |
         if set(parts) != {"lora_A", "lora_B"}:
             report.errors.append(f"{layer}: has {', '.join(sorted(parts))} without its pair")
             continue
-        (r_a, n_in), (n_out, r_b) = parts["lora_A"], parts["lora_B"]
+        a, b = parts["lora_A"], parts["lora_B"]
+        if len(a) != len(b) or any(d != 1 for d in b[2:]):
+            report.errors.append(f"{layer}: A {a} and B {b} are not a LoRA pair (B of a convolution is 1×1)")
+            continue
+        (r_a, n_in, *kernel), (n_out, r_b) = a, b[:2]
         if r_a != r_b:
             report.errors.append(f"{layer}: A has rank {r_a} but B has {r_b}")
         ranks.add(r_a)
         if base_shapes is not None:
+            delta = (n_out, n_in, *kernel)
             if layer not in base_shapes:
                 report.errors.append(f"{layer}: no such layer in the base model")
-            elif tuple(base_shapes[layer]) != (n_out, n_in):
-                report.errors.append(f"{layer}: ΔW would be {n_out}×{n_in}, the base layer is "
-                                     f"{base_shapes[layer][0]}×{base_shapes[layer][1]}")
+            elif tuple(base_shapes[layer]) != delta:
+                report.errors.append(f"{layer}: ΔW would be {_dims(delta)}, the base layer is "
+                                     f"{_dims(base_shapes[layer])}")
     if not pairs:
         report.errors.append("no LoRA tensors in the adapter")
     if len(ranks) > 1:
@@ -85,6 +92,10 @@ def inspect_adapter(weights: bytes, *, base_shapes: dict[str, tuple[int, int]] |
         report.warnings.extend(_spectrum_warnings(weights))
     report.ok = not report.errors
     return report
+
+
+def _dims(shape: tuple[int, ...] | list[int]) -> str:
+    return "×".join(str(d) for d in shape)
 
 
 def _spectrum_warnings(weights: bytes) -> list[str]:
@@ -101,7 +112,7 @@ def _spectrum_warnings(weights: bytes) -> list[str]:
         b = state.get(key.replace(".lora_A.", ".lora_B."))
         if b is None:
             continue
-        s = torch.linalg.svdvals(b.float() @ a.float())
+        s = torch.linalg.svdvals(b.float().flatten(1) @ a.float().flatten(1))  # conv: [out, r]·[r, in·kh·kw]
         energy = float((s ** 2).sum())
         if energy > 0 and float(s[0] ** 2) / energy >= SUSPICIOUS_TOP1:
             warnings.append(f"{found[0]}: {float(s[0] ** 2) / energy:.3f} of ΔW's energy in one direction "

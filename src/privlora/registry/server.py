@@ -2,11 +2,14 @@
 authenticates the bearer token, then calls :class:`~privlora.registry.service.Registry`, which decides,
 logs and acts. Refusals are 4xx ``{"error": "<one line>"}``; the server stays up.
 
-Routes: ``GET /adapters``, ``POST /adapters`` (JSON: name, weights_b64, config, privacy, audit),
-``GET /adapters/{id}``, ``GET /adapters/{id}/weights``, ``POST /exports`` (adapter),
-``POST /exports/{id}/approve``, ``GET /exports/{id}/download``, ``GET|POST /users``, ``POST /incidents``
-(adapter, reason), ``POST /incidents/{id}/close`` (resolution), ``GET /log``, ``GET /log/verify``,
-``GET|POST /datasets`` (name, kind sanitized|full, data_b64), ``GET /datasets/{id}/data``,
+Routes: ``GET /adapters``, ``POST /adapters`` (JSON: name, weights_b64, config, privacy, audit, files:
+{"config.yaml": text, "splits.json": text}), ``GET /adapters/{id}``, ``GET /adapters/{id}/weights``,
+``GET /adapters/{id}/files/{name}``, ``POST /exports`` (adapter), ``POST /exports/{id}/approve``,
+``GET /exports/{id}/download``, ``GET|POST /users``, ``GET|POST /incidents`` (adapter, reason),
+``GET /incidents/{id}`` (with its reports), ``POST /incidents/{id}/report`` (status audited|not_audited,
+report), ``POST /incidents/{id}/close`` (resolution), ``GET /log``, ``GET /log/verify`` (``?expect_head=``
+a published head), ``GET|POST /datasets`` (name, kind sanitized|full, data_b64, format file|tar; the
+format comes back in the ``X-Dataset-Format`` header), ``GET /datasets/{id}/data``,
 ``GET|POST /generations`` (adapter, prompt, params, image_b64; metadata-only readers get neither prompt nor image).
 """
 
@@ -66,9 +69,13 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
     async def push(request: Request) -> dict[str, Any]:
         principal = who(request)
         body = await json_body(request)
+        files = field(body, "files", dict, {})
+        if not all(isinstance(v, str) for v in files.values()):
+            raise Refused(422, "field 'files' maps file names to their text")
         return registry.push(principal, b64(body, "weights_b64") or b"", name=field(body, "name", str),
                              config=field(body, "config", dict), privacy=field(body, "privacy", dict, {}),
-                             audit=field(body, "audit", dict, {}))
+                             audit=field(body, "audit", dict, {}),
+                             files={k: v.encode() for k, v in files.items()})
 
     @app.get("/adapters/{adapter_id}")
     def show(adapter_id: str, request: Request) -> dict[str, Any]:
@@ -78,6 +85,10 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
     def pull(adapter_id: str, request: Request) -> Response:
         _, weights = registry.pull(who(request), adapter_id)
         return Response(weights, media_type="application/octet-stream")
+
+    @app.get("/adapters/{adapter_id}/files/{name}")
+    def adapter_file(adapter_id: str, name: str, request: Request) -> Response:
+        return Response(registry.adapter_file(who(request), adapter_id, name), media_type="text/plain")
 
     @app.post("/exports")
     async def request_export(request: Request) -> dict[str, Any]:
@@ -109,6 +120,21 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
         body = await json_body(request)
         return registry.open_incident(principal, field(body, "adapter", str), field(body, "reason", str))
 
+    @app.get("/incidents")
+    def list_incidents(request: Request) -> list[dict[str, Any]]:
+        return registry.list_incidents(who(request))
+
+    @app.get("/incidents/{incident_id}")
+    def show_incident(incident_id: int, request: Request) -> dict[str, Any]:
+        return registry.show_incident(who(request), incident_id)
+
+    @app.post("/incidents/{incident_id}/report")
+    async def report_incident(incident_id: int, request: Request) -> dict[str, Any]:
+        principal = who(request)
+        body = await json_body(request)
+        return registry.report_incident(principal, incident_id, status=field(body, "status", str),
+                                        report=field(body, "report", dict))
+
     @app.post("/incidents/{incident_id}/close")
     async def close_incident(incident_id: int, request: Request) -> dict[str, Any]:
         principal = who(request)
@@ -123,11 +149,13 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
         principal = who(request)
         body = await json_body(request)
         return registry.push_dataset(principal, b64(body, "data_b64") or b"", name=field(body, "name", str),
-                                     kind=field(body, "kind", str))
+                                     kind=field(body, "kind", str), fmt=field(body, "format", str, "file"))
 
     @app.get("/datasets/{dataset_id}/data")
     def pull_dataset(dataset_id: str, request: Request) -> Response:
-        return Response(registry.pull_dataset(who(request), dataset_id), media_type="application/octet-stream")
+        dataset, data = registry.pull_dataset(who(request), dataset_id)
+        return Response(data, media_type="application/octet-stream",
+                        headers={"X-Dataset-Format": dataset.get("format") or "file"})
 
     @app.get("/generations")
     def generations(request: Request) -> list[dict[str, Any]]:
@@ -146,7 +174,7 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
         return registry.log(who(request))
 
     @app.get("/log/verify")
-    def verify_log(request: Request) -> dict[str, Any]:
-        return registry.verify_log(who(request))
+    def verify_log(request: Request, expect_head: str | None = None) -> dict[str, Any]:
+        return registry.verify_log(who(request), expect_head)
 
     return app

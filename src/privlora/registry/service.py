@@ -6,13 +6,18 @@ one place and every attempt, allowed or denied, lands in the hash-chained log be
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc as sa_exc
+
+from privlora.errors import UserError
 from privlora.httpapi import Refusal
 from privlora.registry.access import ROLES, decide
+from privlora.registry.bases import base_shapes
 from privlora.registry.ledger import Ledger, verify
 from privlora.registry.safety import inspect_adapter
 from privlora.registry.store import Store
@@ -20,6 +25,28 @@ from privlora.registry.store import Store
 
 class Refused(Refusal):
     """An action the registry will not do: HTTP status and a one-line reason."""
+
+
+#: the run files an audit needs, stored beside the adapter: name → check of the bytes (None when fine)
+RUN_FILES = ("config.yaml", "splits.json")
+REPORT_STATUSES = ("audited", "not_audited")
+
+
+def _check_run_file(name: str, data: bytes) -> str | None:
+    import yaml
+
+    try:
+        text = data.decode()
+        parsed = yaml.safe_load(text) if name == "config.yaml" else json.loads(text)
+    except (UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError):
+        return f"{name} is not valid {'YAML' if name == 'config.yaml' else 'JSON'}"
+    if not isinstance(parsed, dict):
+        return f"{name} must hold a mapping"
+    if name == "splits.json" and not isinstance(parsed.get("members"), list):
+        return "splits.json has no members list"
+    if name == "config.yaml" and not isinstance(parsed.get("data"), dict):
+        return "config.yaml has no data section (is it a run's config.yaml?)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -30,25 +57,52 @@ class Principal:
 
 @dataclass(frozen=True)
 class ExportPolicy:
-    """An adapter may leave only if its latest audit is under these bounds (None: not required)."""
+    """An adapter may leave only if its latest audit is under these bounds (None: not required).
 
-    max_auc: float | None = 0.6
+    ``max_auc_gain`` bounds what the adapter *adds*: each attack's AUC on the adapter minus its AUC on the
+    base model (the audit's control, same images, noise and batches). An absolute AUC bound alone would
+    also judge the data: on the 68 demo faces the untouched base model already scores 0.60 with PIA, so
+    ``max_auc`` 0.6 would refuse every adapter, DP or not. Attacks reported without a control are
+    measured against chance (0.5).
+    """
+
+    max_auc_gain: float | None = 0.05
+    max_auc: float | None = None
     max_epsilon: float | None = 10.0
 
     def check(self, adapter: dict[str, Any]) -> str | None:
         """None when the adapter passes; else why not."""
-        audit, privacy = adapter["audit"], adapter["privacy"]
-        if self.max_auc is not None:
-            aucs = [float(v) for v in _find(audit, "auc")]
-            if not aucs:
-                return "no audit attached (export needs an audit with attack AUCs)"
-            if max(aucs) > self.max_auc:
-                return f"strongest attack AUC {max(aucs):.3f} > policy {self.max_auc}"
+        aucs = attack_aucs(adapter["audit"])
+        if (self.max_auc is not None or self.max_auc_gain is not None) and not aucs:
+            return "no audit attached (export needs an audit with attack AUCs)"
+        for name, (auc, base) in aucs.items():
+            if self.max_auc is not None and auc > self.max_auc + 1e-9:
+                return f"attack {name}: AUC {auc:.3f} > policy {self.max_auc}"
+            if self.max_auc_gain is not None and auc - (0.5 if base is None else base) > self.max_auc_gain + 1e-9:
+                control = "chance (0.5)" if base is None else f"the base model's {base:.3f}"
+                return (f"attack {name}: AUC {auc:.3f} is {auc - (0.5 if base is None else base):+.3f} over "
+                        f"{control} (policy ≤ +{self.max_auc_gain})")
         if self.max_epsilon is not None:
-            eps = [float(v) for v in _find(privacy, "epsilon") if isinstance(v, int | float)]
+            eps = [float(v) for v in _find(adapter["privacy"], "epsilon") if isinstance(v, int | float)]
             if eps and max(eps) > self.max_epsilon:
                 return f"ε {max(eps):.3g} > policy {self.max_epsilon}"
         return None
+
+
+def attack_aucs(audit: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+    """attack → (AUC on the adapter, AUC on the base control or None) from an audit results.json
+    (``attacks.<name>.adapter.auc`` / ``.base_control.auc``, or a bare ``attacks.<name>.auc``)."""
+    out: dict[str, tuple[float, float | None]] = {}
+    attacks = audit.get("attacks") if isinstance(audit, dict) else None
+    for name, result in (attacks or {}).items():
+        if not isinstance(result, dict):
+            continue
+        adapter, base = result.get("adapter", result), result.get("base_control")
+        auc = adapter.get("auc") if isinstance(adapter, dict) else None
+        if isinstance(auc, int | float):
+            control = base.get("auc") if isinstance(base, dict) else None
+            out[name] = (float(auc), float(control) if isinstance(control, int | float) else None)
+    return out
 
 
 def _find(tree: Any, key: str) -> list[Any]:
@@ -71,8 +125,14 @@ class Registry:
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         url = url or f"sqlite:///{root / 'registry.db'}"
-        self.ledger = Ledger(url)
-        self.store = Store(url, root)
+        try:
+            self.ledger = Ledger(url)
+            self.store = Store(url, root)
+        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as e:
+            raise UserError(f"--db {url.split('@')[-1]!r} is not a database URL SQLAlchemy can open ({e}); e.g. "
+                            "postgresql+psycopg://user@host:5432/registry") from None
+        except sa_exc.OperationalError as e:
+            raise UserError(f"cannot open the registry database: {str(e.orig).strip().splitlines()[0]}") from None
         self.policy = policy
 
     # --- the one gate ---------------------------------------------------------------------------------
@@ -122,15 +182,28 @@ class Registry:
 
     # --- adapters ---------------------------------------------------------------------------------------
     def push(self, who: Principal, weights: bytes, *, name: str, config: dict[str, Any],
-             privacy: dict[str, Any] | None = None, audit: dict[str, Any] | None = None) -> dict[str, Any]:
+             privacy: dict[str, Any] | None = None, audit: dict[str, Any] | None = None,
+             files: dict[str, bytes] | None = None) -> dict[str, Any]:
+        """Store an adapter after the safety checks; shapes are checked against its base (from
+        ``config['base_model_name_or_path']``) when the base ships with this installation."""
         self._gate(who, "adapters", "write", name)
-        report = inspect_adapter(weights)
+        files = files or {}
+        for file_name, data in files.items():
+            if file_name not in RUN_FILES:
+                raise Refused(422, f"unknown run file {file_name!r}; a push carries {', '.join(RUN_FILES)}")
+            problem = _check_run_file(file_name, data)
+            if problem:
+                raise Refused(422, problem)
+        known, shapes = base_shapes(str(config.get("base_model_name_or_path") or ""))
+        report = inspect_adapter(weights, base_shapes=shapes)
         if not report.ok:
-            raise Refused(422, "; ".join(report.errors[:3]))
+            more = f" (and {len(report.errors) - 3} more)" if len(report.errors) > 3 else ""
+            raise Refused(422, "; ".join(report.errors[:3]) + more)
         adapter_id, created = self.store.put_adapter(weights, name=name, owner=who.name, config=config,
-                                                     privacy=privacy or {}, audit=audit or {})
+                                                     privacy=privacy or {}, audit=audit or {}, files=files)
         return {"id": adapter_id, "created": created, "rank": report.rank, "layers": report.layers,
-                "warnings": report.warnings}
+                "warnings": report.warnings, "base": known, "base_checked": known is not None,
+                "files": sorted(self.store.adapter_files(adapter_id))}
 
     def list(self, who: Principal) -> list[dict[str, Any]]:
         self._gate(who, "adapters", "read", "*")
@@ -140,6 +213,7 @@ class Registry:
         self._gate(who, "adapters", "read", adapter_id)
         adapter = self._adapter(adapter_id)
         adapter["open_incidents"] = self.store.open_incidents(adapter_id)
+        adapter["files"] = sorted(self.store.adapter_files(adapter_id))
         return adapter
 
     def pull(self, who: Principal, adapter_id: str) -> tuple[dict[str, Any], bytes]:
@@ -148,6 +222,20 @@ class Registry:
         if adapter is None:
             raise Refused(404, f"no adapter {adapter_id}")
         return adapter, self.store.weights(adapter_id)
+
+    def adapter_file(self, who: Principal, adapter_id: str, name: str) -> bytes:
+        """A run file stored with the adapter. Read like the adapter (auditors only under quarantine);
+        splits.json names the training records, so it also needs training-data read access."""
+        adapter = self.store.adapter(adapter_id)
+        self._gate(who, "adapters", "read", adapter_id, quarantined=bool(adapter and adapter["quarantined"]))
+        if name == "splits.json":
+            self._gate(who, "training_data", "read_sanitized", f"{adapter_id}/splits.json")
+        if adapter is None:
+            raise Refused(404, f"no adapter {adapter_id}")
+        sha = self.store.adapter_files(adapter_id).get(name)
+        if sha is None:
+            raise Refused(404, f"adapter {adapter_id[:16]} was pushed without {name}")
+        return self.store.blob(sha, ".file")
 
     # --- export: request, approval by someone else, download by the requester -------------------------------
     def request_export(self, who: Principal, adapter_id: str) -> dict[str, Any]:
@@ -183,11 +271,16 @@ class Registry:
         return self.store.weights(export["adapter"])
 
     # --- dataset versions and generation logs --------------------------------------------------------------
-    def push_dataset(self, who: Principal, data: bytes, *, name: str, kind: str) -> dict[str, Any]:
+    def push_dataset(self, who: Principal, data: bytes, *, name: str, kind: str, fmt: str = "file"
+                     ) -> dict[str, Any]:
+        """``fmt`` 'tar' marks a folder packed by the client (unpacked again on pull)."""
         self._gate(who, "training_data", "write", name)
         if kind not in ("sanitized", "full"):
             raise Refused(422, "dataset kind must be 'sanitized' or 'full'")
-        return {"id": self.store.put_dataset(data, name=name, kind=kind, owner=who.name), "kind": kind}
+        if fmt not in ("file", "tar"):
+            raise Refused(422, "dataset format must be 'file' or 'tar'")
+        return {"id": self.store.put_dataset(data, name=name, kind=kind, owner=who.name, fmt=fmt), "kind": kind,
+                "format": fmt}
 
     def list_datasets(self, who: Principal) -> list[dict[str, Any]]:
         """The versions this role may read (sanitized for researchers, all for auditors)."""
@@ -195,13 +288,13 @@ class Registry:
         self._gate(who, "training_data", "read_full" if full else "read_sanitized", "*")
         return [d for d in self.store.datasets() if full or d["kind"] == "sanitized"]
 
-    def pull_dataset(self, who: Principal, dataset_id: str) -> bytes:
+    def pull_dataset(self, who: Principal, dataset_id: str) -> tuple[dict[str, Any], bytes]:
         dataset = self.store.dataset(dataset_id)
         kind = dataset["kind"] if dataset else "sanitized"
         self._gate(who, "training_data", "read_full" if kind == "full" else "read_sanitized", dataset_id)
         if dataset is None:
             raise Refused(404, f"no dataset {dataset_id}")
-        return self.store.blob(dataset_id, ".data")
+        return dataset, self.store.blob(dataset_id, ".data")
 
     def log_generation(self, who: Principal, *, adapter: str, prompt: str, params: dict[str, Any],
                        image: bytes | None) -> dict[str, Any]:
@@ -237,13 +330,54 @@ class Registry:
             self.store.set_quarantine(incident["adapter"], False)
         return {"incident": incident_id, "closed": True, "resolution": resolution}
 
+    def list_incidents(self, who: Principal) -> list[dict[str, Any]]:
+        self._gate(who, "incidents", "read", "*")
+        return self.store.incidents()
+
+    def show_incident(self, who: Principal, incident_id: int) -> dict[str, Any]:
+        """The incident with every report attached to it, oldest first."""
+        self._gate(who, "incidents", "read", str(incident_id))
+        incident = self.store.incident(incident_id)
+        if incident is None:
+            raise Refused(404, f"no incident {incident_id}")
+        return {**incident, "reports": self.store.reports(incident_id)}
+
+    def report_incident(self, who: Principal, incident_id: int, *, status: str, report: dict[str, Any]
+                        ) -> dict[str, Any]:
+        """Attach a re-audit to an open incident; an ``audited`` report becomes the adapter's latest audit
+        (what the export policy reads), a ``not_audited`` one records why the audit could not run."""
+        self._gate(who, "incidents", "report", str(incident_id))
+        incident = self.store.incident(incident_id)
+        if incident is None:
+            raise Refused(404, f"no incident {incident_id}")
+        if incident["closed"] is not None:
+            raise Refused(409, f"incident {incident_id} is closed")
+        if status not in REPORT_STATUSES:
+            raise Refused(422, f"report status must be one of {', '.join(REPORT_STATUSES)}")
+        if status == "audited" and not isinstance(report.get("attacks"), dict):
+            raise Refused(422, "an audited report is an audit results.json (it has no attacks)")
+        if status == "not_audited" and not isinstance(report.get("reason"), str):
+            raise Refused(422, "a not_audited report says why (reason)")
+        number = self.store.add_report(incident_id, by=who.name, status=status, report=report)
+        if status == "audited":
+            self.store.set_audit(incident["adapter"], report)
+        return {"incident": incident_id, "report": number, "status": status, "latest_audit": status == "audited"}
+
     # --- the log --------------------------------------------------------------------------------------------
     def log(self, who: Principal) -> list[dict[str, Any]]:
         self._gate(who, "log", "read", "*")
         return self.ledger.entries()
 
-    def verify_log(self, who: Principal) -> dict[str, Any]:
+    def verify_log(self, who: Principal, expect_head: str | None = None) -> dict[str, Any]:
+        """Recompute the chain. ``expect_head``: a head published earlier (a ticket, a signed mail) must
+        still be an entry of the chain — what a chain alone cannot show (its last entries cut off, or the
+        whole log rewritten by someone holding the database) then shows as a missing anchor."""
         self._gate(who, "log", "read", "verify")
-        problems = verify(self.ledger.entries())
-        return {"intact": not problems, "head": self.ledger.head(),
-                "problems": [p.__dict__ for p in problems]}
+        entries = self.ledger.entries()
+        problems = [p.__dict__ for p in verify(entries)]
+        if expect_head is not None:
+            at = next((e["seq"] for e in entries if e["hash"] == expect_head.strip().lower()), None)
+            if at is None:
+                problems.append({"seq": 0, "kind": "anchor", "message": f"the published head {expect_head[:16]}… "
+                                 "is no entry of this log (entries cut off or the log rewritten)"})
+        return {"intact": not problems, "head": self.ledger.head(), "problems": problems}

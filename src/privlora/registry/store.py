@@ -2,8 +2,12 @@
 
 Adapters are content-addressed: the id is the sha256 of ``adapter_model.safetensors``; the blob is
 written to ``<root>/blobs/<id>.safetensors`` through a temporary file and a rename, so a failed or
-concurrent push never leaves half a file, and the same adapter pushed twice is stored once.
-API tokens are stored as their sha256 only.
+concurrent push never leaves half a file, and the same adapter pushed twice is stored once. The run
+files an audit needs (``config.yaml``, ``splits.json``) are blobs too (``<sha256>.file``), listed per
+adapter in ``adapter_files``. API tokens are stored as their sha256 only.
+
+Schema changes are additive (new tables, new nullable columns) and applied on open, so a registry
+created by an earlier version keeps working.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ DATASETS = sa.Table(
     sa.Column("kind", sa.String(20), nullable=False),  # sanitized | full
     sa.Column("owner", sa.String(100), nullable=False),
     sa.Column("created", sa.Float, nullable=False),
+    sa.Column("format", sa.String(10), nullable=True),  # file | tar (a folder, packed); None: file
 )
 GENERATIONS = sa.Table(
     "generations", _META,
@@ -76,6 +81,33 @@ INCIDENTS = sa.Table(
     sa.Column("closed_by", sa.String(100), nullable=True),
     sa.Column("closed", sa.Float, nullable=True),
 )
+ADAPTER_FILES = sa.Table(
+    "adapter_files", _META,
+    sa.Column("adapter", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(100), primary_key=True),  # config.yaml | splits.json
+    sa.Column("sha256", sa.String(64), nullable=False),
+)
+INCIDENT_REPORTS = sa.Table(
+    "incident_reports", _META,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("incident", sa.Integer, nullable=False),
+    sa.Column("by", sa.String(100), nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),  # audited | not_audited
+    sa.Column("report", sa.Text, nullable=False),  # results.json of the re-audit, or {"reason": …}
+)
+
+
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Add the nullable columns a newer version declares to tables an older one created."""
+    inspector = sa.inspect(engine)
+    with engine.begin() as db:
+        for table in _META.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    db.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def token_hash(token: str) -> str:
@@ -88,6 +120,7 @@ class Store:
     def __init__(self, url: str, root: Path) -> None:
         self.engine = sa.create_engine(url)
         _META.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self.blobs = Path(root) / "blobs"
         self.blobs.mkdir(parents=True, exist_ok=True)
 
@@ -112,16 +145,29 @@ class Store:
 
     # adapters
     def put_adapter(self, weights: bytes, *, name: str, owner: str, config: dict[str, Any],
-                    privacy: dict[str, Any], audit: dict[str, Any]) -> tuple[str, bool]:
-        """Store (idempotently); returns (id, created)."""
+                    privacy: dict[str, Any], audit: dict[str, Any], files: dict[str, bytes] | None = None
+                    ) -> tuple[str, bool]:
+        """Store (idempotently) with its run files; returns (id, created). A re-push adds files it lacked."""
         digest = self.put_blob(weights, ".safetensors")
+        stored = {name: self.put_blob(data, ".file") for name, data in (files or {}).items()}
         with self.engine.begin() as db:
-            if db.execute(sa.select(ADAPTERS.c.id).where(ADAPTERS.c.id == digest)).first():
-                return digest, False
-            db.execute(ADAPTERS.insert().values(id=digest, name=name, owner=owner, created=time.time(),
-                                                config=json.dumps(config), privacy=json.dumps(privacy),
-                                                audit=json.dumps(audit), quarantined=False))
-        return digest, True
+            created = not db.execute(sa.select(ADAPTERS.c.id).where(ADAPTERS.c.id == digest)).first()
+            if created:
+                db.execute(ADAPTERS.insert().values(id=digest, name=name, owner=owner, created=time.time(),
+                                                    config=json.dumps(config), privacy=json.dumps(privacy),
+                                                    audit=json.dumps(audit), quarantined=False))
+            have = {r.name for r in db.execute(sa.select(ADAPTER_FILES.c.name).where(
+                ADAPTER_FILES.c.adapter == digest))}
+            for file_name, sha in stored.items():
+                if file_name not in have:
+                    db.execute(ADAPTER_FILES.insert().values(adapter=digest, name=file_name, sha256=sha))
+        return digest, created
+
+    def adapter_files(self, adapter_id: str) -> dict[str, str]:
+        """Run file name → sha256 of its blob."""
+        with self.engine.connect() as db:
+            return {r.name: r.sha256 for r in db.execute(sa.select(ADAPTER_FILES).where(
+                ADAPTER_FILES.c.adapter == adapter_id))}
 
     def adapter(self, adapter_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as db:
@@ -153,11 +199,12 @@ class Store:
         return (self.blobs / f"{digest}{suffix}").read_bytes()
 
     # datasets and generation logs
-    def put_dataset(self, data: bytes, *, name: str, kind: str, owner: str) -> str:
+    def put_dataset(self, data: bytes, *, name: str, kind: str, owner: str, fmt: str = "file") -> str:
         digest = self.put_blob(data, ".data")
         with self.engine.begin() as db:
             if not db.execute(sa.select(DATASETS.c.id).where(DATASETS.c.id == digest)).first():
-                db.execute(DATASETS.insert().values(id=digest, name=name, kind=kind, owner=owner, created=time.time()))
+                db.execute(DATASETS.insert().values(id=digest, name=name, kind=kind, owner=owner, created=time.time(),
+                                                    format=fmt))
         return digest
 
     def dataset(self, dataset_id: str) -> dict[str, Any] | None:
@@ -228,6 +275,24 @@ class Store:
         with self.engine.begin() as db:
             db.execute(INCIDENTS.update().where(INCIDENTS.c.id == incident_id).values(
                 resolution=resolution, closed_by=by, closed=time.time()))
+
+    def incidents(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as db:
+            return [dict(r._mapping) for r in db.execute(sa.select(INCIDENTS).order_by(INCIDENTS.c.id))]
+
+    def add_report(self, incident_id: int, *, by: str, status: str, report: dict[str, Any]) -> int:
+        with self.engine.begin() as db:
+            result = db.execute(INCIDENT_REPORTS.insert().values(incident=incident_id, by=by, created=time.time(),
+                                                                 status=status, report=json.dumps(report)))
+            return int(result.inserted_primary_key[0])
+
+    def reports(self, incident_id: int) -> list[dict[str, Any]]:
+        with self.engine.connect() as db:
+            rows = [dict(r._mapping) for r in db.execute(sa.select(INCIDENT_REPORTS).where(
+                INCIDENT_REPORTS.c.incident == incident_id).order_by(INCIDENT_REPORTS.c.id))]
+        for r in rows:
+            r["report"] = json.loads(r["report"])
+        return rows
 
     def open_incidents(self, adapter_id: str) -> int:
         with self.engine.connect() as db:
