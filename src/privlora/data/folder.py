@@ -23,7 +23,7 @@ from privlora.errors import UserError
 
 METADATA = "metadata.jsonl"
 #: files privlora itself writes into a data folder, never images, never worth a warning
-SIDECARS = {METADATA, "canary.json", "sanitize_report.json"}
+SIDECARS = {METADATA, "canary.json", "sanitize_report.json", "privacy.json", "synthesize.json"}
 
 
 @dataclass
