@@ -49,6 +49,18 @@ class ImageSet:
         sub = self.subset(indices)
         return {"pixels": sub.pixels, "captions": sub.captions}
 
+    def concat(self, other: ImageSet) -> ImageSet:
+        """This set followed by ``other`` (e.g. audit canaries added to the training data); ids must be
+        new and images the same shape, or the splits would point at the wrong samples."""
+        clash = set(self.ids) & set(other.ids)
+        if clash:
+            raise ValueError(f"{len(clash)} ids are in both sets (e.g. {sorted(clash)[0]})")
+        if len(self) and len(other) and self.pixels.shape[1:] != other.pixels.shape[1:]:
+            raise ValueError(f"images of shape {tuple(other.pixels.shape[1:])} cannot join a set of "
+                             f"{tuple(self.pixels.shape[1:])}")
+        return ImageSet(ids=[*self.ids, *other.ids], pixels=torch.cat([self.pixels, other.pixels.to(self.pixels)]),
+                        captions=[*self.captions, *other.captions])
+
     def by_ids(self, wanted: list[str]) -> ImageSet:
         """Subset by id, in the order given."""
         position = {sample_id: i for i, sample_id in enumerate(self.ids)}

@@ -23,7 +23,7 @@ from privlora.data.imageset import ImageSet
 from privlora.data.splits import Splits, make_splits
 from privlora.errors import UserError
 from privlora.progress import progress_bar
-from privlora.runs import write_json_atomic
+from privlora.runs import rename_dir, write_json_atomic
 from privlora.tasks.diffusion import DiffusionTask
 from privlora.tasks.lora import LoraSpec
 from privlora.train.checkpoint import load_checkpoint, save_checkpoint
@@ -198,11 +198,13 @@ def _refuse_multiprocess() -> None:
                         "is not supported yet; run one process, e.g. with --device cuda")
 
 
-def train(config: TrainConfig, *, splits: Splits | None = None) -> TrainResult:
+def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet | None = None) -> TrainResult:
     """Train a LoRA adapter as ``config`` says and write the run directory (see DESIGN.md).
 
     ``splits`` replaces the seeded split of ``config.data`` — the audit's reference adapters train on
-    chosen halves of a population this way.
+    chosen halves of a population this way. ``extra`` adds samples to the dataset before ``splits``
+    picks from it (the one-run DP audit's canaries, which ``splits.members`` then names); they are not
+    in ``config.data.source``, so a resume must pass them again.
     """
     _refuse_multiprocess()
     start = time.time()
@@ -210,6 +212,8 @@ def train(config: TrainConfig, *, splits: Splits | None = None) -> TrainResult:
     out, run = _run_dirs(config)
     try:
         task, data = load_task_and_data(config, _lora_spec(config))
+        if extra is not None:
+            data = data.concat(extra)
         splits = Splits.load(run) if config.resume else splits or make_splits(
             data, members=config.data.members, aux=config.data.aux, eval=config.data.eval,
             seed=config.seed, source=config.data.source)
@@ -329,7 +333,7 @@ def _finish(config: TrainConfig, task: DiffusionTask, private: PrivateTraining |
                                    seed=config.seed, quiet=config.quiet)
     write_json_atomic(run / "utility.json", utility)
     (run / "checkpoint.pt").unlink(missing_ok=True)
-    run.rename(out)
+    rename_dir(run, out)  # one rename; file by file inside an SGX enclave (privlora tee)
     return TrainResult(run_dir=out, mode=config.mode, steps=step, final_loss=float(ema or last_loss),
                        privacy=privacy, utility=utility, seconds=time.time() - start)
 
