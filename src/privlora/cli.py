@@ -325,7 +325,8 @@ def audit(
                                     "lower bound beside that run's accountant ε (RUN_DIR/audit/dp_canaries.json)."),
     dp_canary_kind: str = typer.Option("noise", "--dp-canary-kind", help="Canary images: noise (i.i.d. "
                                        "pixels; the strongest measured), blocks (random 8×8 black/white grid), "
-                                       "coarse (4×4)."),
+                                       "coarse (4×4); gradient: white-box Dirac gradient canaries injected into "
+                                       "every DP-SGD step of a DP run (RUN_DIR/audit/dp_gradient_canaries.json)."),
     dp_guesses: str = typer.Option(None, "--dp-guesses", help="Guess counts fixed in advance, comma-separated "
                                    "(half in, half out; several → Bonferroni; default 10,20,50,100 % of M)."),
     dp_beta: float = typer.Option(0.05, "--dp-beta", help="1 − confidence of the ε lower bound."),
@@ -355,7 +356,7 @@ def audit(
     if not runs:
         raise UserError("nothing to audit: give --run RUN_DIR (repeatable) or --sweep FOLDER")
     if dp_canaries:
-        from privlora.audit.dp_canaries import dp_canary_audit, summary_line
+        from privlora.audit.dp_audit_kinds import run_dp_audit
 
         if canary_dir is not None and len(runs) > 1:
             raise UserError("--canary-dir names one canary run: give one --run with it")
@@ -367,9 +368,9 @@ def audit(
         except ValueError:
             raise UserError(f"--dp-guesses expects whole numbers like 8,16, got {dp_guesses!r}") from None
         for r in runs:
-            result = dp_canary_audit(r, m=dp_canaries, kind=dp_canary_kind, seed=seed, beta=dp_beta,
-                                     guesses=guesses, canary_dir=canary_dir, quiet=quiet)
-            typer.echo(f"{r}: {summary_line(result)} → {Path(r) / 'audit' / 'dp_canaries.json'}")
+            _, line, written = run_dp_audit(r, kind=dp_canary_kind, m=dp_canaries, seed=seed, beta=dp_beta,
+                                            guesses=guesses, quiet=quiet, canary_dir=canary_dir)
+            typer.echo(f"{r}: {line} → {written}")
         return
     names = tuple(a.strip() for a in attacks.split(",") if a.strip())
     fprs = None

@@ -1,0 +1,252 @@
+"""Sample unlearning: forget-set selection, NegGrad+, SalUn's mask, exact retraining, the verification
+figures (checked against sklearn) and the output run directory (loadable by peft, auditable)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
+
+from conftest import CONFIGS, assert_nothing_written, assert_one_line_error, run_cli
+from privlora.config import load_config
+from privlora.data.splits import Splits
+from privlora.errors import UserError
+from privlora.train.loop import train
+from privlora.unlearn import verify
+from privlora.unlearn.methods import saliency_mask
+from privlora.unlearn.run import unlearn
+from privlora.unlearn.selection import select_forget
+from privlora.unlearn.source import load_source
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
+
+# a small image run: 24 members, 16 aux, 20 evaluation non-members, rank 4, one eval timestep, no FD
+FAST = {"eval.timesteps": [200], "eval.samples": 0, "quiet": True, "optim.batch_size": 8,
+        "optim.max_steps": 8, "data.members": 0.24, "data.aux": 0.16, "data.eval": 0.2,
+        "lora.rank": 4, "lora.alpha": 4, "log_every": 1}
+QUICK = {"steps": 4, "lr": 2e-3, "stop": "none", "draws": 2, "quiet": True, "seed": 0}
+ADAPTER = "adapter/adapter_model.safetensors"
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / ADAPTER))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("unlearn")
+
+
+@pytest.fixture(scope="module")
+def source(work) -> Path:
+    config = load_config(CONFIGS / "demo-plain.yaml", {**FAST, "out": str(work / "source")})
+    return train(config).run_dir
+
+
+@pytest.fixture(scope="module")
+def retrained(source, work) -> dict:
+    return unlearn(source, work / "retrain", method="retrain", forget_fraction=0.25, seed=0, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def neggrad(source, retrained, work) -> dict:
+    return unlearn(source, work / "neggrad", method="neggrad+", forget_fraction=0.25, reference=work / "retrain",
+                   alpha=0.5, **QUICK)
+
+
+# --- forget-set selection -------------------------------------------------------------------------
+def test_forget_selection_rules(tmp_path):
+    members = [f"m{i}" for i in range(10)]
+    a = select_forget(members, fraction=0.3, seed=1)
+    assert len(a) == 3 and a == select_forget(members, fraction=0.3, seed=1) and set(a) <= set(members)
+    assert select_forget(members, ids="m4, m1,m4") == ["m1", "m4"]  # member order, duplicates dropped
+    f = tmp_path / "ids.txt"
+    f.write_text("# who asked\nm2\n\nm7\n")
+    assert select_forget(members, file=f) == ["m2", "m7"]
+    for kwargs, needle in [({}, "exactly one"), ({"ids": "m1", "fraction": 0.5}, "exactly one"),
+                           ({"ids": "m1,nobody"}, "not members"), ({"fraction": 1.5}, "(0, 1)"),
+                           ({"ids": ",".join(members)}, "nothing would be retained"),
+                           ({"file": tmp_path / "missing.txt"}, "does not exist")]:
+        with pytest.raises(UserError, match=needle):
+            select_forget(members, **kwargs)
+
+
+# --- the verification figures ---------------------------------------------------------------------
+def test_efficacy_formula_against_sklearn():
+    rng = np.random.default_rng(0)
+    held = rng.normal(0, 1, 40)
+    forget_before, forget_after = rng.normal(1.0, 1, 12), rng.normal(0.2, 1, 12)
+    y = np.r_[np.ones(12), np.zeros(40)]
+    auc_b = roc_auc_score(y, np.r_[forget_before, held])
+    auc_a = roc_auc_score(y, np.r_[forget_after, held])
+    assert verify.efficacy(auc_b, auc_a) == pytest.approx(1 - (auc_a - 0.5) / (auc_b - 0.5))
+    assert verify.efficacy(0.8, 0.5) == pytest.approx(1.0)
+    assert verify.efficacy(0.8, 0.8) == pytest.approx(0.0)
+    assert verify.efficacy(0.8, 0.35) == pytest.approx(1.5)  # forgot too much: detectable, flagged as > 1
+    assert verify.efficacy(0.5, 0.4) is None
+    assert verify.relative_drop(0.80, 0.78, higher_is_better=True) == pytest.approx(0.025)
+    assert verify.relative_drop(0.050, 0.051, higher_is_better=False) == pytest.approx(0.02)
+
+
+def test_unlearn_json_figures_match_sklearn_on_its_own_scores(neggrad):
+    """AUCs, efficacy, gap to the reference and utility drop, recomputed from the per-sample scores."""
+    aucs = {}
+    for which in ("before", "after", "reference"):
+        m = neggrad[which]["membership"]
+        forget, held = np.array(m["scores"]["forget"]), np.array(m["scores"]["heldout"])
+        assert len(forget) == neggrad["forget_size"] == 6 and len(held) == neggrad["heldout_size"] == 20
+        aucs[which] = roc_auc_score(np.r_[np.ones(len(forget)), np.zeros(len(held))], np.r_[forget, held])
+        assert m["forget"]["auc"] == pytest.approx(aucs[which], abs=1e-12)
+        assert m["forget"]["auc_ci_low"] <= m["forget"]["auc"] <= m["forget"]["auc_ci_high"]
+    s = neggrad["summary"]
+    if aucs["before"] > 0.5:
+        assert s["efficacy"] == pytest.approx(1 - (aucs["after"] - 0.5) / (aucs["before"] - 0.5))
+    assert s["auc_gap_to_reference"] == pytest.approx(abs(aucs["after"] - aucs["reference"]))
+    u0, u1 = neggrad["before"]["utility"], neggrad["after"]["utility"]
+    assert s["utility_drop_heldout"] == pytest.approx((u1["heldout"] - u0["heldout"]) / u0["heldout"])
+    assert neggrad["seconds"]["ratio_to_retrain"] == pytest.approx(
+        neggrad["seconds"]["method"] / neggrad["seconds"]["retrain"])
+
+
+# --- exact retraining -----------------------------------------------------------------------------
+def test_retrain_never_saw_the_forget_set_and_equals_train(source, retrained, work):
+    out = work / "retrain"
+    splits = json.loads((out / "splits.json").read_text())
+    forget = set(splits["forget"])
+    src = Splits.load(source)
+    assert len(forget) == 6 and forget <= set(src.members)
+    assert not forget & set(splits["members"])
+    assert sorted([*splits["members"], *forget]) == sorted(src.members)
+    assert splits["eval_nonmembers"] == src.eval and splits["aux_nonmembers"] == src.aux
+    # the same as `train` on those splits with the same seed: bit-identical weights
+    config = load_config(source / "config.yaml", {"out": str(work / "by-hand"), "quiet": True})
+    train(config, splits=Splits(members=splits["members"], aux=src.aux, eval=src.eval, source=src.source,
+                                seed=src.seed))
+    a, b = _adapter(out), _adapter(work / "by-hand")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and not the source's adapter
+    assert any(not torch.equal(a[k], v) for k, v in _adapter(source).items())
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["unlearning"]["method"] == "retrain" and "own privacy" in privacy["unlearning"]["note"]
+    assert retrained["summary"]["auc_after"] == retrained["summary"]["auc_reference"]
+
+
+# --- NegGrad+ -------------------------------------------------------------------------------------
+def test_neggrad_moves_the_adapter_and_raises_forget_loss_more_than_retain_loss(source, neggrad, work):
+    from privlora.unlearn.methods import probe_losses
+
+    before, after = load_source(source), load_source(work / "neggrad")
+    a, b = _adapter(source), _adapter(work / "neggrad")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    forget_ids = neggrad["forget"]
+    retain_ids = [m for m in before.splits.members if m not in set(forget_ids)]
+    assert after.splits.members == retain_ids
+    rise = {}
+    for name, ids in (("forget", forget_ids), ("retain", retain_ids)):
+        data = before.members.by_ids(ids)
+        rise[name] = float(probe_losses(after.task, data, seed=3).mean()
+                           - probe_losses(before.task, data, seed=3).mean())
+    assert rise["forget"] > 0 and rise["forget"] > rise["retain"], rise
+    assert neggrad["steps_taken"] == 4 and len((work / "neggrad" / "metrics.jsonl").read_text().splitlines()) == 4
+    privacy = json.loads((work / "neggrad" / "privacy.json").read_text())
+    assert "does not cover" in privacy["unlearning"]["note"]
+
+
+def test_stopping_rule_stops_once_forget_looks_like_aux(source, work):
+    r = unlearn(source, work / "stop", method="neggrad+", forget_fraction=0.25, steps=12, lr=2e-2,
+                stop="aux", check_every=2, draws=1, train_reference=False, quiet=True)
+    gaps = r["stop"]["gaps"]
+    assert all(g["gap"] < 0 for g in gaps[:-1])  # it only stops at the first check at or past the aux level
+    if r["stop"]["reached"]:
+        assert gaps[-1]["gap"] >= 0 and r["steps_taken"] == gaps[-1]["step"] <= 12
+    assert r["reference"] is None and r["seconds"]["ratio_to_retrain"] is None
+
+
+# --- SalUn ----------------------------------------------------------------------------------------
+def test_salun_updates_only_the_salient_weights(source, work):
+    r = unlearn(source, work / "salun", method="salun", forget_fraction=0.25, saliency=0.3,
+                train_reference=False, **{**QUICK, "steps": 2, "draws": 1})
+    # the mask again, independently of the run: same source, same forget set, same seed
+    src = load_source(source)
+    params = src.task.trainable_parameters()
+    names = [n for n, p in src.task.model.named_parameters() if p.requires_grad]
+    masks = saliency_mask(src.task, src.members.by_ids(r["forget"]), params, share=0.3, draws=4, seed=0)
+    share = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert share == pytest.approx(0.3, abs=0.01)
+    assert r["saliency"]["updated"] == sum(int(m.sum()) for m in masks)
+    a, b = _adapter(source), _adapter(work / "salun")
+    by_name = {n.replace(".default", ""): m for n, m in zip(names, masks, strict=True)}
+    changed = 0
+    for key, value in a.items():
+        mask = by_name[key.removeprefix("base_model.model.")]
+        assert torch.equal(value[~mask], b[key][~mask]), key  # outside the mask: bit-identical
+        changed += int((value[mask] != b[key][mask]).sum())
+    assert changed > 0
+
+
+# --- the output run -------------------------------------------------------------------------------
+def test_output_is_a_run_peft_loads_and_the_audit_accepts(neggrad, work):
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+    from privlora.audit.runner import load_run
+    from privlora.tasks.embedded import load_embedded
+
+    out = work / "neggrad"
+    for name in ("config.yaml", "splits.json", "privacy.json", "utility.json", "unlearn.json", ADAPTER,
+                 "adapter/adapter_config.json", "adapter/pytorch_lora_weights.safetensors", "reference"):
+        assert (out / name).exists() or name == "reference", name
+    saved = _adapter(out)
+    unet, _, _ = load_embedded()
+    unet = inject_adapter_in_model(LoraConfig.from_pretrained(str(out / "adapter")), unet)
+    result = set_peft_model_state_dict(unet, saved)
+    assert not [k for k in result.unexpected_keys if "lora_" in k]
+    loaded = get_peft_model_state_dict(unet)
+    assert all(torch.equal(loaded[k.removeprefix("base_model.model.")], v) for k, v in saved.items())
+    run = load_run(out)  # what `privlora audit --run OUT` loads: members are the retained samples
+    assert len(run.members) == neggrad["retain_size"] and not set(neggrad["forget"]) & set(run.members.ids)
+
+
+@pytest.mark.slow
+def test_cli_prints_the_table(source, retrained, work):
+    ids = ",".join(json.loads((work / "retrain" / "splits.json").read_text())["forget"])
+    ok = run_cli("unlearn", str(source), "--out", str(work / "cli"), "--forget-ids", ids, "--reference",
+                 str(work / "retrain"), "--steps", "2", "--fixed-steps", "--draws", "1", "-q")
+    assert ok.returncode == 0, ok.stderr
+    assert "neggrad+" in ok.stdout and "retrain" in ok.stdout and "efficacy" in ok.stdout
+    assert json.loads((work / "cli" / "unlearn.json").read_text())["summary"]["auc_reference"] is not None
+
+
+def test_cli_one_line_error_for_a_non_member(source, work):
+    held_out = Splits.load(source).eval[0]
+    bad = run_cli("unlearn", str(source), "--out", str(work / "bad"), "--forget-ids", held_out, "-q")
+    assert_one_line_error(bad, "not members")
+    assert_nothing_written(work / "bad")
+
+
+def test_bad_inputs_are_user_errors(source, neggrad, work, tmp_path):
+    for kwargs, needle in [({"method": "forget-harder"}, "unknown unlearning method"),
+                           ({"alpha": 1.0}, "alpha"), ({"saliency": 0.0}, "saliency"),
+                           ({"attack": "lira"}, "unknown attack"), ({"stop": "never"}, "stopping rule"),
+                           ({"reference": tmp_path / "nope"}, "does not exist"),
+                           ({"reference": work / "neggrad"}, "retained ones")]:
+        with pytest.raises(UserError, match=needle):
+            unlearn(source, tmp_path / "x", forget_fraction=0.5, train_reference=False, **kwargs)
+        assert not (tmp_path / "x").exists()
+    with pytest.raises(UserError, match="already exists"):
+        unlearn(source, source, forget_fraction=0.25)
+    with pytest.raises(UserError, match="not a run directory"):
+        unlearn(tmp_path, tmp_path / "y", forget_fraction=0.25)
