@@ -12,14 +12,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from conftest import assert_one_line_error, run_cli
-from test_registry_server import adapter_body, auth, free_port, weights
+from test_registry_server import adapter_body, auth, free_port, start_server, weights
 
 pytestmark = pytest.mark.slow
 
@@ -62,20 +61,7 @@ def served(postgres, tmp_path_factory):
     assert init.returncode == 0, init.stderr
     admin = init.stdout.strip()
     assert not (root / "registry.db").exists()  # the rows live in PostgreSQL, only blobs under root
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "privlora", "registry", "serve", "--root", str(root), "--db",
-                             postgres, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError(proc.stdout.read() if proc.stdout else "registry did not start")
+    proc, url = start_server(root, "--db", postgres)
     tokens = {"root": admin}
     for name, role in [("ana", "researcher"), ("aud", "auditor")]:
         r = httpx.post(url + "/users", json={"name": name, "role": role}, headers=auth(admin))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -45,24 +46,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def reg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("registry")
-    admin = Registry(root).bootstrap_admin("root")
+def start_server(root: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """A real `privlora registry serve` subprocess on a free port, once /health answers: (process, URL)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "privlora", "registry", "serve", "--root", str(root), "--port",
-                             str(port), "--max-body-mb", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
+                return proc, url
         except httpx.TransportError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError(proc.stdout.read() if proc.stdout else "registry did not start")
+    proc.kill()
+    raise RuntimeError(proc.stdout.read() if proc.stdout else "registry did not start")
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    admin = Registry(root).bootstrap_admin("root")
+    proc, url = start_server(root, "--max-body-mb", "4")
     tokens = {"root": admin}
     for name, role in [("ana", "researcher"), ("rex", "researcher"), ("eve", "engineer"), ("aud", "auditor"),
                        ("adm", "admin")]:

@@ -77,6 +77,21 @@ def rename_dir(src: Path, dst: Path) -> None:
     os.rmdir(src)
 
 
+def require_run_dir(run: str | Path, *, adapter_file: str, purpose: str) -> Path:
+    """``run`` as a run directory written by ``privlora train`` (config.yaml and ``adapter/adapter_file``), or
+    a UserError saying which part is missing; ``purpose`` ends the message ("to audit", "to unlearn from")."""
+    from privlora.errors import UserError
+
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run directory {run} does not exist")
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a run directory (no config.yaml)")
+    if not (run / "adapter" / adapter_file).is_file():
+        raise UserError(f"{run} has no adapter/ {purpose} (missing {adapter_file})")
+    return run
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` via a temporary file and a rename."""
     with atomic_file(path) as tmp:

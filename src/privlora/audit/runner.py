@@ -25,7 +25,7 @@ from privlora.audit.attacks import ATTACKS
 from privlora.audit.metrics import summarize
 from privlora.data.imageset import ImageSet
 from privlora.errors import UserError
-from privlora.runs import atomic_file, write_json_atomic
+from privlora.runs import atomic_file, require_run_dir, write_json_atomic
 
 REFERENCE_ATTACKS = {"lira": "Carlini et al. 2022 (LiRA, online)", "rmia": "Zarifzadeh et al. 2024 (RMIA)"}
 DEFAULT_FPRS = (0.01, 0.001)
@@ -62,13 +62,7 @@ def load_run(run: Path) -> LoadedRun:
     from privlora.tasks.lora import PEFT_CONFIG, read_spec
     from privlora.train.data import load_training_data
 
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist")
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run} is not a run directory (no config.yaml)")
-    if not (run / "adapter" / PEFT_CONFIG).is_file():
-        raise UserError(f"{run} has no adapter/ to audit (missing {PEFT_CONFIG})")
+    run = require_run_dir(run, adapter_file=PEFT_CONFIG, purpose="to audit")
     config = load_config(run / "config.yaml", {"resume": False})
     if config.task != "image":
         raise UserError(f"{run} is a {config.task} run; the audit covers image (diffusion) runs so far")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from opacus import GradSampleModule
@@ -48,11 +48,22 @@ def resolve(options: DPOptions, *, n: int, batch_size: int, steps: int) -> DPPar
                         delta=delta, steps=steps, accountant=options.accountant)
 
 
+class GradientCanaryHook(Protocol):
+    """White-box audit hook (``privlora.audit.gradient_canaries``): sees each DP-SGD step's sum of clipped
+    per-sample gradients just before the Gaussian noise, and the noisy sum just after it."""
+
+    def inject(self, summed: list[torch.Tensor], *, max_grad_norm: float, sample_rate: float) -> None:
+        """Add the participating canaries' gradients to ``summed`` in place (treated like clipped samples)."""
+
+    def observe(self, noisy: list[torch.Tensor]) -> None:
+        """Record the noisy summed gradients (before Opacus divides by the expected batch size)."""
+
+
 class PrivateTraining:
     """Wraps a Task and its optimizer for DP-SGD; samples Poisson batches; tracks ε."""
 
     def __init__(self, task: DiffusionTask, optimizer: torch.optim.Optimizer, params: DPParameters, *,
-                 n: int, seed: int) -> None:
+                 n: int, seed: int, gradient_canaries: GradientCanaryHook | None = None) -> None:
         self.task, self.params, self.n = task, params, n
         task.denoiser = GradSampleModule(task.model, force_functorch=True, loss_reduction="mean")
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=params.noise_multiplier,
@@ -62,6 +73,23 @@ class PrivateTraining:
                                      generator=torch.Generator(device=task.device).manual_seed(seed + 1))
         self.steps_taken = 0
         self.checked = False  # has check_grad_samples() passed on a real batch yet?
+        if gradient_canaries is not None:
+            self._hook_noise(gradient_canaries)
+
+    def _hook_noise(self, hook: GradientCanaryHook) -> None:
+        """Put ``hook`` around Opacus' ``add_noise``: it runs after ``clip_and_accumulate`` has summed the
+        clipped per-sample gradients into ``p.summed_grad`` and before ``scale_grad`` divides ``p.grad``
+        by the expected batch size — so injected canaries get exactly the samples' noise, and what is
+        observed is the noisy *sum*. The noise generator is not touched: no canaries → same numbers."""
+        dp_optimizer, add_noise = self.optimizer, self.optimizer.add_noise
+
+        def add_noise_with_canaries() -> None:
+            hook.inject([p.summed_grad for p in dp_optimizer.params], max_grad_norm=self.params.max_grad_norm,
+                        sample_rate=self.params.sample_rate)
+            add_noise()
+            hook.observe([p.grad for p in dp_optimizer.params])
+
+        dp_optimizer.add_noise = add_noise_with_canaries  # type: ignore[method-assign]
 
     def poisson_batch(self, generator: torch.Generator) -> list[int]:
         """Each sample joins independently with probability q — the sampling the accountant assumes."""

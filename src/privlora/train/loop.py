@@ -28,7 +28,7 @@ from privlora.tasks.diffusion import DiffusionTask
 from privlora.tasks.lora import LoraSpec
 from privlora.train.checkpoint import load_checkpoint, save_checkpoint
 from privlora.train.data import load_task_and_data
-from privlora.train.dp import PrivateTraining, resolve
+from privlora.train.dp import GradientCanaryHook, PrivateTraining, resolve
 from privlora.train.objectives import OBJECTIVES, Objective
 from privlora.train.text_utility import measure_text_utility
 from privlora.train.utility import measure_utility
@@ -198,14 +198,18 @@ def _refuse_multiprocess() -> None:
                         "is not supported yet; run one process, e.g. with --device cuda")
 
 
-def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet | None = None) -> TrainResult:
+def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet | None = None,
+          gradient_canaries: GradientCanaryHook | None = None) -> TrainResult:
     """Train a LoRA adapter as ``config`` says and write the run directory (see DESIGN.md).
 
     ``splits`` replaces the seeded split of ``config.data`` — the audit's reference adapters train on
     chosen halves of a population this way. ``extra`` adds samples to the dataset before ``splits``
     picks from it (the one-run DP audit's canaries, which ``splits.members`` then names); they are not
-    in ``config.data.source``, so a resume must pass them again.
+    in ``config.data.source``, so a resume must pass them again. ``gradient_canaries`` (DP runs only):
+    the white-box audit's hook into every DP-SGD step (:class:`privlora.train.dp.GradientCanaryHook`).
     """
+    if gradient_canaries is not None and config.mode != "dp":
+        raise UserError(f"gradient canaries need a DP-SGD run (mode: dp), this config is mode {config.mode!r}")
     _refuse_multiprocess()
     start = time.time()
     torch.manual_seed(config.seed)
@@ -224,7 +228,7 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
         else:
             splits.save(run)
             (run / "config.yaml").write_text(dump_config(config))
-        return _train_loop(config, task, members, aux, held_out, out, run, start)
+        return _train_loop(config, task, members, aux, held_out, out, run, start, gradient_canaries)
     except Interrupted:
         raise  # a resumable checkpoint was written: keep <out>.partial
     except BaseException:
@@ -235,7 +239,8 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
 
 
 def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux: ImageSet,
-                held_out: ImageSet, out: Path, run: Path, start: float) -> TrainResult:
+                held_out: ImageSet, out: Path, run: Path, start: float,
+                gradient_canaries: GradientCanaryHook | None = None) -> TrainResult:
     opts = config.optim
     objective: Objective = OBJECTIVES[config.mode](task, members=members, aux=aux, options=config.mp,
                                                    batch_size=opts.batch_size)
@@ -244,7 +249,8 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
     private = None
     if config.mode == "dp":
         dp_params = resolve(config.dp, n=len(members), batch_size=opts.batch_size, steps=opts.max_steps)
-        private = PrivateTraining(task, optimizer, dp_params, n=len(members), seed=config.seed)
+        private = PrivateTraining(task, optimizer, dp_params, n=len(members), seed=config.seed,
+                                  gradient_canaries=gradient_canaries)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = _Sampler(len(members), opts.batch_size, generator, private)
     step = 0

@@ -74,15 +74,10 @@ LOADERS = {"image": _load_image, "text": _load_text}
 def load_source(run: Path) -> Source:
     """The run at ``run`` with its adapter loaded (image or text), refusing anything that is not a run."""
     from privlora.config import load_config
+    from privlora.runs import require_run_dir
     from privlora.tasks.lora import PEFT_CONFIG
 
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"run directory {run} does not exist")
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run} is not a run directory (no config.yaml)")
-    if not (run / "adapter" / PEFT_CONFIG).is_file():
-        raise UserError(f"{run} has no adapter/ to unlearn from (missing {PEFT_CONFIG})")
+    run = require_run_dir(run, adapter_file=PEFT_CONFIG, purpose="to unlearn from")
     config = load_config(run / "config.yaml", {"resume": False})
     if config.lora.full_finetune:
         raise UserError(f"{run} is a full fine-tune; unlearning works on LoRA adapters")
