@@ -43,7 +43,7 @@ demo: $(STAMP)
 # fixtures (trained runs, started servers) are built once. Tests are single-threaded (conftest).
 TEST_WORKERS ?= 2
 test: $(STAMP) $(VENV)/.debian
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # Debian's chromium renders the audit report in the slow browser test (root on the CI-class machine).
 $(VENV)/.chromium: | $(VENV)/bin/python
