@@ -126,7 +126,7 @@ def _base_control(name: str, work: Path, args: argparse.Namespace) -> dict[str, 
     both. Cached in ``work/<pair>/base-control.json``."""
     import torch
 
-    from privlora.audit.extraction import _initial_noise
+    from privlora.audit.extraction import initial_noise
     from privlora.audit.runner import load_run
     from privlora.synthesize.measure import nearest_synthetic_audit
     from privlora.synthesize.samplers import SAMPLERS, Batch, SamplerOptions
@@ -141,7 +141,7 @@ def _base_control(name: str, work: Path, args: argparse.Namespace) -> dict[str, 
     with loaded.task.adapter_disabled():
         for first in range(0, args.control_n, 64):
             count = min(64, args.control_n - first)
-            pixels.append(sample(Batch(noise=_initial_noise(shape, args.seed, first, count), prompts=[""] * count)))
+            pixels.append(sample(Batch(noise=initial_noise(shape, args.seed, first, count), prompts=[""] * count)))
     seconds = time.perf_counter() - start
     # the same PNG round trip the synthetic folders go through (uint8 pixels)
     images = ((torch.cat(pixels) + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1

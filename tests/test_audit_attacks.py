@@ -143,6 +143,7 @@ def test_reference_adapters_are_trained_once_and_reused(tmp_path):
     assert_one_line_error(run_cli("audit", "--run", str(run), "--fpr", "0.001"), "non-members")
 
 
+@pytest.mark.slow  # ~150 s on 2 cores: three trainings and a sweep audit with references
 def test_shared_references_take_the_plain_runs_recipe(tmp_path):
     """A sweep lists runs by name: an SMP run first must not decide how the shared references train."""
     runs = tmp_path / "sweep"

@@ -128,7 +128,7 @@ def _noise_seed(seed: int, index: int) -> int:
     return int(state[0])
 
 
-def _initial_noise(shape: tuple[int, ...], seed: int, start: int, count: int) -> torch.Tensor:
+def initial_noise(shape: tuple[int, ...], seed: int, start: int, count: int) -> torch.Tensor:
     """x_T for generations ``start … start+count−1``, each from its own generator (batch-size invariant)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_noise_seed(seed, i)))
                         for i in range(start, start + count)])
@@ -158,7 +158,7 @@ def generations(task: DiffusionTask, n: int, *, seed: int, batch: int = 64,
     shape = tuple(task.sample_shape())
     for start in range(0, n, batch):
         count = min(batch, n - start)
-        x = ddim_from_noise(task, _initial_noise(shape, seed, start, count), steps=steps)
+        x = ddim_from_noise(task, initial_noise(shape, seed, start, count), steps=steps)
         with torch.no_grad():
             pixels = task.to_pixels(x).float().cpu()
         yield start, pixels  # outside no_grad: a suspended generator must not hold the caller's grad mode

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from privlora.audit.extraction import _initial_noise
+from privlora.audit.extraction import initial_noise
 from privlora.errors import UserError
 from privlora.generate import adapter_base, grid_image
 from privlora.progress import progress_bar
@@ -195,7 +195,7 @@ def synthesize(run: Path, n: int, out: Path, *, seed: int = 0, steps: int = 50, 
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
             index = range(start, start + count)
-            batch = Batch(noise=_initial_noise(shape, seed, start, count),
+            batch = Batch(noise=initial_noise(shape, seed, start, count),
                           prompts=[prompts[i % len(prompts)] for i in index],
                           conditions=[images[i % len(images)] for i in index] if images else [])
             pixels = sample(batch)
