@@ -46,7 +46,8 @@ class LoadedRun:
     utility: dict[str, Any]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_if_present(path: Path) -> dict[str, Any]:
+    """A run's optional JSON file (privacy.json, utility.json): {} when absent, a UserError when broken."""
     try:
         return json.loads(path.read_text()) if path.exists() else {}
     except json.JSONDecodeError as e:
@@ -89,11 +90,11 @@ def load_run(run: Path) -> LoadedRun:
         expected = tuple(task.sample_shape())
         if tuple(data.pixels.shape[1:]) != expected:
             raise UserError(f"images are {tuple(data.pixels.shape[1:])} but the base model takes {expected}")
-    privacy = _read_json(run / "privacy.json")
+    privacy = read_json_if_present(run / "privacy.json")
     return LoadedRun(path=run, config=config, task=task, members=data.by_ids(splits.members),
                      held_out=data.by_ids(splits.eval), aux=data.by_ids(splits.aux),
                      delta=float(privacy.get("delta") or 0.0), privacy=privacy,
-                     utility=_read_json(run / "utility.json"))
+                     utility=read_json_if_present(run / "utility.json"))
 
 
 def _check_attacks(attacks: tuple[str, ...], references: int) -> tuple[str, ...]:

@@ -7,11 +7,11 @@ here, since the audit covers image runs only: ``train`` writes the same ``splits
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privlora.audit.runner import read_json_if_present
 from privlora.data.splits import Splits
 from privlora.errors import UserError
 
@@ -28,13 +28,6 @@ class Source:
     aux: Any
     held_out: Any
     privacy: dict[str, Any]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 def _load_image(run: Path, config: Any) -> Source:
@@ -64,7 +57,7 @@ def _load_text(run: Path, config: Any) -> Source:
                         f"(e.g. {missing[0]}); was the data changed after training?")
     return Source(path=run, config=config, task=task, splits=splits, members=data.by_ids(splits.members),
                   aux=data.by_ids(splits.aux), held_out=data.by_ids(splits.eval),
-                  privacy=_read_json(run / "privacy.json"))
+                  privacy=read_json_if_present(run / "privacy.json"))
 
 
 #: config.task → loader of a run's Source
