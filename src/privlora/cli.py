@@ -1070,9 +1070,10 @@ def synthesize(
 def unlearn(
     run: Path = typer.Argument(..., help="Run directory written by `privlora train` (image or text)."),
     out: Path = typer.Option(..., help="New run directory for the unlearned adapter (written atomically)."),
-    method: str = typer.Option("neggrad+", help="neggrad+ (ascent on the forget set, descent on the retained) | "
-                               "salun (the same on the salient weights only) | retrain (exact: train again "
-                               "without the forget set)."),
+    method: str = typer.Option("target", help="target (raise each forget sample's loss to a non-member's, no "
+                               "further; descent on the retained) | neggrad+ (unbounded ascent on the forget set, "
+                               "descent on the retained) | salun (neggrad+ on the salient weights only) | retrain "
+                               "(exact: train again without the forget set)."),
     forget: Path = typer.Option(None, "--forget", help="File with the ids to forget, one per line (ids from the "
                                 "run's splits.json members)."),
     forget_ids: str = typer.Option(None, "--forget-ids", help="Ids to forget, comma-separated."),
@@ -1080,9 +1081,10 @@ def unlearn(
                                           "members, e.g. 0.25."),
     steps: int = typer.Option(None, help="Most unlearning steps (default 100; ascent stops earlier once the "
                               "forget set looks like the auxiliary non-members, see --fixed-steps)."),
-    lr: float = typer.Option(None, help="Learning rate of the unlearning steps (default 2e-4; 1e-3 wrecked "
-                             "both demo adapters within 15 steps)."),
-    alpha: float = typer.Option(0.8, help="Retain weight α in α·L_retain − (1−α)·L_forget."),
+    lr: float = typer.Option(None, help="Learning rate of the unlearning steps (default: target 1e-3, neggrad+ "
+                             "and salun 2e-4 — unbounded ascent at 1e-3 wrecked both demo adapters)."),
+    alpha: float = typer.Option(None, help="Retain weight α in α·L_retain + (1−α)·L_forget-term (default: "
+                                "target 0.5, neggrad+ and salun 0.8)."),
     saliency: float = typer.Option(0.5, help="SalUn: share of the weights updated (top |∇ L_forget|)."),
     fixed_steps: bool = typer.Option(False, "--fixed-steps", help="Run all --steps; do not stop when the forget "
                                      "set's loss reaches the auxiliary non-members'."),
@@ -1127,7 +1129,7 @@ def unlearn(
 
     result = run_unlearn(run, out, method=method, forget_file=forget, forget_ids=forget_ids,
                          forget_fraction=forget_fraction, steps=100 if steps is None else steps,
-                         lr=2e-4 if lr is None else lr, alpha=alpha, saliency=saliency,
+                         lr=lr, alpha=alpha, saliency=saliency,
                          stop="none" if fixed_steps else "aux", attack=attack, draws=draws, reference=reference,
                          train_reference=not no_reference, seed=seed, quiet=quiet)
     for line in format_table(result):
