@@ -1108,7 +1108,7 @@ def unlearn(
     --no-reference); efficacy = 1 − (AUC_after − 0.5)/(AUC_before − 0.5). Writes OUT as a run directory
     (members = retained) with unlearn.json holding every figure.
 
-    Example: privlora unlearn runs/demo-plain --out runs/demo-unlearn --forget-fraction 0.25 --method salun
+    Example: privlora unlearn runs/demo-plain --out runs/demo-unlearn --forget-fraction 0.25
     """
     _offline_defaults()
     if concept is not None:

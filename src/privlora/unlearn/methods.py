@@ -111,16 +111,23 @@ def probe_losses(task: Any, data: Any, *, seed: int) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+def probe_aux(aux: Any, *, seed: int, needed_by: str, instead: str) -> Any:
+    """The aux non-members a rule probes: at most :data:`PROBE_CAP` of them (a seeded subset); none is an error."""
+    if len(aux) == 0:
+        raise UserError(f"{needed_by} the run's auxiliary non-members, but this run has none (data.aux = 0); "
+                        f"{instead}")
+    if len(aux) > PROBE_CAP:
+        aux = aux.subset(sorted(torch.randperm(len(aux), generator=torch.Generator().manual_seed(seed))
+                                [:PROBE_CAP].tolist()))
+    return aux
+
+
 class NonmemberTarget:
     """Is the forget set fitted no better than the auxiliary non-members? (see the module docstring)"""
 
     def __init__(self, task: Any, forget: Any, aux: Any, *, seed: int) -> None:
-        if len(aux) == 0:
-            raise UserError("the stopping rule compares the forget set with the run's auxiliary non-members, "
-                            "but this run has none (data.aux = 0); pass --fixed-steps to run all --steps")
-        if len(aux) > PROBE_CAP:
-            aux = aux.subset(sorted(torch.randperm(len(aux), generator=torch.Generator().manual_seed(seed))
-                                    [:PROBE_CAP].tolist()))
+        aux = probe_aux(aux, seed=seed, needed_by="the stopping rule compares the forget set with",
+                        instead="pass --fixed-steps to run all --steps")
         self.task, self.forget, self.aux, self.seed = task, forget, aux, seed
         self.base_forget = self.base_aux = None
         if hasattr(task, "adapter_disabled"):  # difficulty correction: loss relative to the base model's
@@ -286,12 +293,8 @@ class NonmemberLossTargets:
     """
 
     def __init__(self, task: Any, forget: Any, aux: Any, *, seed: int) -> None:
-        if len(aux) == 0:
-            raise UserError("the target method takes its loss targets from the run's auxiliary non-members, "
-                            "but this run has none (data.aux = 0); use --method neggrad+ or retrain")
-        if len(aux) > PROBE_CAP:
-            aux = aux.subset(sorted(torch.randperm(len(aux), generator=torch.Generator().manual_seed(seed))
-                                    [:PROBE_CAP].tolist()))
+        aux = probe_aux(aux, seed=seed, needed_by="the target method takes its loss targets from",
+                        instead="use --method neggrad+ or retrain")
         self.relative = hasattr(task, "adapter_disabled") and hasattr(task, "squared_error")
         f = probe_losses(task, forget, seed=seed).double()
         a = probe_losses(task, aux, seed=seed + 1).double()
