@@ -88,15 +88,15 @@ def _measure_run(run: Path, forget_ids: list[str], retain_ids: list[str], *, att
 def unlearn(run: Path, out: Path, *, method: str = "target", forget_file: Path | None = None,
             forget_ids: str | list[str] | None = None, forget_fraction: float | None = None,
             steps: int = 100, lr: float | None = None, alpha: float | None = None, saliency: float = 0.5,
-            batch_size: int | None = None, stop: str = "aux", check_every: int | None = None, attack: str = "loss",
+            batch_size: int | None = None, stop: str = "aux", check_every: int = 5, attack: str = "loss",
             draws: int = DEFAULT_DRAWS, reference: Path | None = None, train_reference: bool = True,
             seed: int = 0, quiet: bool = True) -> dict[str, Any]:
     """Forget samples from the adapter of ``run``; write the unlearned run to ``out``; return unlearn.json.
 
     ``reference``: an existing retrain of this source on the same retained set to verify against (it is
     trained into ``out/reference`` when not given and ``train_reference`` is true; with neither, the
-    retrained-reference figures are left out). ``lr`` / ``alpha`` / ``check_every`` default to the
-    method's own (:data:`privlora.unlearn.methods.DEFAULTS`).
+    retrained-reference figures are left out). ``lr`` / ``alpha`` default to the method's own
+    (:data:`privlora.unlearn.methods.DEFAULTS`).
     """
     run, out = Path(run), Path(out)
     if method not in METHODS:
@@ -104,7 +104,6 @@ def unlearn(run: Path, out: Path, *, method: str = "target", forget_file: Path |
     defaults = DEFAULTS.get(method, {})
     lr = defaults.get("lr", Options.lr) if lr is None else lr
     alpha = defaults.get("alpha", Options.alpha) if alpha is None else alpha
-    check_every = int(defaults.get("check_every", Options.check_every)) if check_every is None else check_every
     options = Options(steps=steps, lr=lr, alpha=alpha, saliency=saliency, batch_size=batch_size, stop=stop,
                       check_every=check_every, seed=seed, quiet=quiet)
     options.check()
