@@ -56,7 +56,7 @@ $(VENV)/.postgresql: | $(VENV)/bin/python
 	touch $@
 
 test-slow: $(STAMP) $(VENV)/.chromium $(VENV)/.debian $(VENV)/.postgresql
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Debian's Tesseract: presidio-image-redactor's OCR, the baseline of benchmarks/sanitize_throughput.py
 # (which builds its own venv for presidio-image-redactor: it would break this one's OpenCV)
