@@ -10,7 +10,7 @@ import pytest
 from privlora.registry.access import RESOURCES, ROLES, TABLE, decide
 from privlora.registry.ledger import Ledger, verify
 
-ACTIONS = {"adapters": ("read", "write"), "training_data": ("read_sanitized", "read_full", "write"),
+ACTIONS = {"adapters": ("read", "write", "audit"), "training_data": ("read_sanitized", "read_full", "write"),
            "generation_logs": ("read_metadata", "read_full", "write"), "export": ("request", "approve"),
            "users": ("manage",), "incidents": ("open", "read", "close", "report"), "log": ("read",)}
 # the seed's table, transcribed independently of access.TABLE: (role, resource, action) that are allowed
@@ -20,7 +20,7 @@ ALLOWED = {
     ("researcher", "generation_logs", "read_metadata"), ("researcher", "generation_logs", "read_full"),
     ("researcher", "export", "request"), ("researcher", "export", "approve"),
     ("engineer", "adapters", "read"), ("engineer", "generation_logs", "read_metadata"),
-    ("auditor", "adapters", "read"), ("auditor", "training_data", "read_sanitized"),
+    ("auditor", "adapters", "read"), ("auditor", "adapters", "audit"), ("auditor", "training_data", "read_sanitized"),
     ("auditor", "training_data", "read_full"), ("auditor", "generation_logs", "read_metadata"),
     ("auditor", "generation_logs", "read_full"), ("auditor", "export", "approve"),
     ("admin", "users", "manage"),
@@ -138,14 +138,16 @@ def test_export_policy_bounds_what_the_adapter_adds_over_its_control():
     from privlora.registry.service import ExportPolicy
 
     policy = ExportPolicy()  # the server's defaults: +0.05 AUC over the base model, ε ≤ 10
-    dp = {"audit": _audit(loss=(0.549, 0.549), pia=(0.609, 0.602)), "privacy": {"epsilon": 8.0}}  # README's DP demo
-    plain = {"audit": _audit(loss=(0.724, 0.549), pia=(0.714, 0.602)), "privacy": {"mechanism": "none"}}
+    # README's DP demo, audited by the registry; ε as the registry recomputed it
+    dp = {"audit": _audit(loss=(0.549, 0.549), pia=(0.609, 0.602)), "audit_by": "registry", "epsilon": 8.0}
+    plain = {"audit": _audit(loss=(0.724, 0.549), pia=(0.714, 0.602)), "audit_by": "aud", "epsilon": None}
     assert policy.check(dp) is None
     assert "attack loss: AUC 0.724 is +0.175 over the base model's 0.549" in policy.check(plain)
     assert "0.609 > policy 0.6" in ExportPolicy(max_auc=0.6).check(dp)  # an absolute bound also judges the data
-    assert "no audit attached" in policy.check({"audit": {}, "privacy": {}})
-    assert "ε 12 > policy 10" in policy.check({**dp, "privacy": {"epsilon": 12.0}})
-    bare = {"audit": {"attacks": {"loss": {"auc": 0.58}}}, "privacy": {}}  # no control: measured against chance
+    assert "no audit established" in policy.check({"audit": {}, "epsilon": None})
+    assert "no audit established" in policy.check({**dp, "audit_by": None})  # the pusher's numbers never count
+    assert "ε 12 (recomputed" in policy.check({**dp, "epsilon": 12.0})
+    bare = {"audit": {"attacks": {"loss": {"auc": 0.58}}}, "audit_by": "aud", "epsilon": None}  # no control: chance
     assert "over chance (0.5)" in policy.check(bare)
     assert ExportPolicy(max_auc_gain=None, max_epsilon=None).check(bare) is None
 
@@ -163,3 +165,106 @@ def test_a_registry_from_an_older_version_gains_the_new_tables_and_columns(tmp_p
     with sqlite3.connect(tmp_path / "registry.db") as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"adapter_files", "incident_reports", "audit_log"} <= tables
+
+
+# --- signed checkpoints (issue 18): truncation and a rewritten chain fail verify-log without --expect-head -----
+
+def _signed_registry(tmp_path):
+    from privlora.registry.service import Principal, Registry
+
+    registry = Registry(tmp_path / "reg", log_key=tmp_path / "keys" / "log.key")
+    for k in range(6):
+        registry.ledger.append("ana", "adapters.read", f"a{k}", "allowed")
+    return registry, Principal("aud", "auditor")
+
+
+def test_the_signing_key_lives_outside_the_database_with_0600(tmp_path):
+    registry, auditor = _signed_registry(tmp_path)
+    key = tmp_path / "keys" / "log.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and b"PRIVATE KEY" in key.read_bytes()
+    assert key.read_bytes() not in (tmp_path / "reg" / "registry.db").read_bytes()
+    result = registry.verify_log(auditor)
+    assert result["intact"] and result["checkpoint"]["count"] == len(registry.ledger.entries())
+
+
+def test_a_truncated_log_fails_verification(tmp_path):
+    registry, auditor = _signed_registry(tmp_path)
+    with sqlite3.connect(tmp_path / "reg" / "registry.db") as db:  # cut the tail and its checkpoints
+        db.execute("DELETE FROM audit_log WHERE seq > 4")
+        db.execute("DELETE FROM log_checkpoints WHERE count > 4")
+    assert verify(registry.ledger.entries()) == []  # the chain alone cannot tell
+    result = registry.verify_log(auditor)
+    assert not result["intact"] and any("entries cut off" in p["message"] for p in result["problems"])
+
+
+def test_a_rewritten_chain_fails_verification(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from privlora.registry.ledger import GENESIS, entry_hash
+
+    registry, auditor = _signed_registry(tmp_path)
+    db_path = tmp_path / "reg" / "registry.db"
+    with sqlite3.connect(db_path) as db:  # someone holding the database rewrites every entry consistently
+        prev = GENESIS
+        rows = db.execute("SELECT seq, time, actor, action, target, result, detail FROM audit_log ORDER BY seq")
+        for seq, when, actor, action, target, result, detail in rows.fetchall():
+            actor = "nobody" if seq == 2 else actor
+            h = entry_hash(seq, when, actor, action, target, result, detail, prev)
+            db.execute("UPDATE audit_log SET actor=?, prev_hash=?, hash=? WHERE seq=?", (actor, prev, h, seq))
+            prev = h
+    assert verify(registry.ledger.entries()) == []  # a consistent chain
+    result = registry.verify_log(auditor)
+    assert not result["intact"] and any("log rewritten" in p["message"] for p in result["problems"])
+    forger = Ed25519PrivateKey.generate()  # re-signing with another key does not help
+    with sqlite3.connect(db_path) as db:
+        n, head = db.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        sig = forger.sign(b"privlora-log-checkpoint\x00" + f"{n}:{head}".encode()).hex()
+        db.execute("INSERT OR REPLACE INTO log_checkpoints VALUES (?, ?, 0.0, ?)", (n, head, sig))
+    result = registry.verify_log(auditor)
+    assert not result["intact"] and any("does not verify" in p["message"] for p in result["problems"])
+
+
+def test_tokens_from_before_expiry_existed_expire_and_old_audits_are_not_trusted(tmp_path):
+    """An older registry: users without an expiry, adapters whose audit column holds the pusher's upload."""
+    import time
+
+    from privlora.registry.service import ExportPolicy, Refused, Registry
+    from privlora.registry.store import token_hash
+
+    root = tmp_path / "old"
+    root.mkdir()
+    with sqlite3.connect(root / "registry.db") as db:
+        db.execute("CREATE TABLE users (name VARCHAR(100) PRIMARY KEY, role VARCHAR(20) NOT NULL, "
+                   "token_sha256 VARCHAR(64) NOT NULL UNIQUE, created FLOAT NOT NULL)")
+        db.execute("INSERT INTO users VALUES ('old', 'researcher', ?, ?)",
+                   (token_hash("t-old"), time.time() - 40 * 86400))
+        db.execute("INSERT INTO users VALUES ('new', 'researcher', ?, ?)", (token_hash("t-new"), time.time() - 86400))
+        db.execute("CREATE TABLE adapters (id VARCHAR(64) PRIMARY KEY, name VARCHAR(200) NOT NULL, owner VARCHAR(100) "
+                   "NOT NULL, created FLOAT NOT NULL, config TEXT NOT NULL, privacy TEXT NOT NULL, "
+                   "audit TEXT NOT NULL, "
+                   "quarantined BOOLEAN NOT NULL)")
+        db.execute("INSERT INTO adapters VALUES ('a1', 'n', 'old', 1.0, '{}', '{\"epsilon\": 1.0}', "
+                   "'{\"attacks\": {\"loss\": {\"auc\": 0.5}}}', 0)")
+    registry = Registry(root, token_days=30)
+    with pytest.raises(Refused, match="token expired on"):
+        registry.authenticate("t-old")
+    assert registry.authenticate("t-new").name == "new"
+    legacy = registry.store.adapter("a1")
+    assert "no audit established" in ExportPolicy().check(legacy)  # the uploaded audit was never the registry's
+
+
+def test_federated_epsilons_are_recomputed_from_their_ledgers():
+    from privlora.federated.client_privacy import gaussian_epsilons
+    from privlora.registry.claims import ClaimError, verify_privacy
+
+    laplace = {"mechanism": "laplace", "epsilon_per_round": [0.5, 0.75], "delta": 1e-5}
+    assert verify_privacy({**laplace, "epsilon": 1.25}).epsilon == pytest.approx(1.25)
+    with pytest.raises(ClaimError, match="recomputed by the registry"):
+        verify_privacy({**laplace, "epsilon": 0.75})  # the last round's ε, not the composed one
+    sigmas, q, delta = [1.1, 1.3, 1.2], 0.4, 1e-5
+    eps = gaussian_epsilons([(s, q) for s in sigmas], delta)[-1]
+    gaussian = {"mechanism": "gaussian", "effective_noise_multipliers": sigmas, "sample_rate": q, "delta": delta}
+    assert verify_privacy({**gaussian, "epsilon": eps}).epsilon == pytest.approx(eps)
+    with pytest.raises(ClaimError, match="recomputed by the registry"):
+        verify_privacy({**gaussian, "epsilon": eps / 2})
+    assert verify_privacy({"mechanism": "none", "epsilon": None}).epsilon is None  # no claim, nothing to check

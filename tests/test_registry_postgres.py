@@ -91,6 +91,9 @@ def test_push_list_export_download_verify_on_postgresql(served):
     assert adapter in [a["id"] for a in _call(served, "aud", "GET", "/adapters").json()]
     export = _call(served, "ana", "POST", "/exports", json={"adapter": adapter}).json()["export"]
     assert _call(served, "ana", "POST", f"/exports/{export}/approve").status_code == 403  # own request
+    assert _call(served, "aud", "POST", f"/exports/{export}/approve").status_code == 409  # nobody audited it yet
+    audit = {"attacks": {"loss": {"adapter": {"auc": 0.52}, "base_control": {"auc": 0.5}}}}
+    assert _call(served, "aud", "POST", f"/adapters/{adapter}/audit", json=audit).status_code == 200
     assert _call(served, "aud", "POST", f"/exports/{export}/approve").status_code == 200
     got = _call(served, "ana", "GET", f"/exports/{export}/download")
     assert got.status_code == 200 and got.content == weights(1)

@@ -35,9 +35,27 @@ def weights(seed: int) -> bytes:
                  f"{PREFIX}query.lora_B.weight": torch.randn(384, 4, generator=g)})
 
 
-def adapter_body(seed: int, *, name: str = "a", auc: float = 0.55, eps: float = 8.0) -> dict:
+def dp_privacy(sigma: float = 1.0, **changes) -> dict:
+    """A DP-SGD privacy.json as training writes it, ε from Opacus' RDP accountant (what the registry recomputes)."""
+    from privlora.train.accounting import epsilon
+
+    record = {"mechanism": "DP-SGD (Poisson-subsampled Gaussian, per-sample clipping)", "noise_multiplier": sigma,
+              "sample_rate": 0.25, "steps": 40, "delta": 1e-3, "accountant": "rdp"}
+    record["epsilon"] = epsilon(noise_multiplier=sigma, sample_rate=0.25, steps=40, delta=1e-3)
+    return {**record, **changes}
+
+
+def adapter_body(seed: int, *, name: str = "a", auc: float = 0.55, privacy: dict | None = None) -> dict:
     return {"name": name, "weights_b64": base64.b64encode(weights(seed)).decode(), "config": {"r": 4},
-            "privacy": {"epsilon": eps}, "audit": {"attacks": {"loss": {"auc": auc}}}}
+            "privacy": privacy if privacy is not None else {"mechanism": "none"},
+            "audit": {"attacks": {"loss": {"auc": auc}}}}
+
+
+def audited(reg, adapter: str, auc: float, base: float = 0.5) -> None:
+    """An auditor attaches an audit (the only kind, besides the registry's own, that the export policy reads)."""
+    results = {"attacks": {"loss": {"adapter": {"auc": auc}, "base_control": {"auc": base}}}}
+    r = call(reg, "aud", "POST", f"/adapters/{adapter}/audit", json=results)
+    assert r.status_code == 200, r.text
 
 
 def free_port() -> int:
@@ -97,6 +115,7 @@ ACTOR = {"researcher": "rex", "engineer": "eve", "auditor": "aud", "admin": "adm
 @pytest.fixture(scope="module")
 def fixtures(reg):
     main = call(reg, "ana", "POST", "/adapters", json=adapter_body(1, name="main")).json()["id"]
+    audited(reg, main, 0.52)
     export = call(reg, "ana", "POST", "/exports", json={"adapter": main}).json()["export"]
     data = {}
     for kind in ("sanitized", "full"):
@@ -112,6 +131,9 @@ def fixtures(reg):
 def _cell_request(reg, fixtures, resource: str, action: str, who: str, k: int) -> httpx.Response:
     if (resource, action) == ("adapters", "read"):
         return call(reg, who, "GET", f"/adapters/{fixtures['main']}")
+    if (resource, action) == ("adapters", "audit"):
+        return call(reg, who, "POST", f"/adapters/{fixtures['main']}/audit",
+                    json={"attacks": {"loss": {"adapter": {"auc": 0.52}, "base_control": {"auc": 0.5}}}})
     if (resource, action) == ("adapters", "write"):
         return call(reg, who, "POST", "/adapters", json=adapter_body(100 + k, name=f"cell-{k}"))
     if (resource, action) == ("users", "manage"):
@@ -148,7 +170,8 @@ def _cell_request(reg, fixtures, resource: str, action: str, who: str, k: int) -
 
 
 HTTP_CELLS = [(role, res, act) for role in ROLES for res, act in [
-    ("adapters", "read"), ("adapters", "write"), ("users", "manage"), ("export", "request"), ("export", "approve"),
+    ("adapters", "read"), ("adapters", "write"), ("adapters", "audit"), ("users", "manage"), ("export", "request"),
+    ("export", "approve"),
     ("incidents", "open"), ("incidents", "close"), ("incidents", "read"), ("incidents", "report"), ("log", "read"),
     ("training_data", "read_sanitized"),
     ("training_data", "read_full"), ("training_data", "write"), ("generation_logs", "read_metadata"),
@@ -181,7 +204,8 @@ def test_every_route_needs_a_token(reg):
                          ("POST", "/incidents"), ("POST", "/incidents/1/close"), ("GET", "/log"),
                          ("GET", "/incidents"), ("GET", "/incidents/1"), ("POST", "/incidents/1/report"),
                          ("GET", "/adapters/x/files/splits.json"), ("GET", "/datasets"), ("GET", "/generations"),
-                         ("GET", "/log/verify"), ("GET", "/adapters/x/weights"), ("POST", "/users")]:
+                         ("GET", "/log/verify"), ("GET", "/adapters/x/weights"), ("POST", "/users"),
+                         ("POST", "/adapters/x/audit"), ("POST", "/users/x/revoke")]:
         for headers in ({}, auth("wrong-token"), {"Authorization": reg["tokens"]["ana"]}):
             r = httpx.request(method, reg["url"] + path, headers=headers, json={})
             assert r.status_code == 401, (method, path, r.text)
@@ -189,8 +213,12 @@ def test_every_route_needs_a_token(reg):
 
 def test_export_needs_another_approver_and_the_policy(reg):
     ok = call(reg, "ana", "POST", "/adapters", json=adapter_body(11, name="ok")).json()["id"]
-    leaky = call(reg, "ana", "POST", "/adapters", json=adapter_body(12, name="leaky", auc=0.9)).json()["id"]
+    leaky = call(reg, "ana", "POST", "/adapters", json=adapter_body(12, name="leaky", auc=0.5)).json()["id"]
     first = call(reg, "ana", "POST", "/exports", json={"adapter": ok}).json()["export"]
+    unaudited = call(reg, "aud", "POST", f"/exports/{first}/approve")  # the pushed AUC 0.55 is only a claim
+    assert unaudited.status_code == 409 and "no audit established" in unaudited.json()["error"], unaudited.text
+    audited(reg, ok, 0.53)
+    audited(reg, leaky, 0.9)
     assert call(reg, "ana", "GET", f"/exports/{first}/download").status_code == 409  # not approved yet
     self_approval = call(reg, "ana", "POST", f"/exports/{first}/approve")
     assert self_approval.status_code == 403 and "other than its requester" in self_approval.json()["error"]
@@ -224,7 +252,7 @@ def test_incident_quarantines_until_closed(reg):
     (b"not json", 400, "not JSON"),
     (b"[1, 2]", 400, "JSON object"),
     (b'{"name": "x"}', 422, "missing field"),
-    (b'{"name": "x", "weights_b64": "%%%", "config": {}}', 422, "base64"),
+    (b'{"name": "x", "weights_b64": "%%%", "config": {}}', 400, "weights_b64 is not valid base64"),
     (b'{"name": 3, "weights_b64": "", "config": {}}', 422, "must be str"),
 ])
 def test_malformed_pushes_are_refused(reg, body, status, needle):
@@ -550,7 +578,7 @@ def test_the_rebuilt_run_is_what_was_pushed(reg, tmp_path):
     from privlora.registry.client import RegistryClient
     from privlora.registry.reaudit import rebuild_run
 
-    body = {**adapter_body(61, name="rebuild", eps=3.0),
+    body = {**adapter_body(61, name="rebuild", privacy=dp_privacy(3.0)),
             "files": {"config.yaml": CONFIG_YAML, "splits.json": SPLITS_JSON}}
     adapter = call(reg, "ana", "POST", "/adapters", json=body).json()["id"]
     run = rebuild_run(RegistryClient(reg["url"], reg["tokens"]["aud"]), adapter, tmp_path / "run",
@@ -559,6 +587,178 @@ def test_the_rebuilt_run_is_what_was_pushed(reg, tmp_path):
     assert config["data"]["source"] == str(tmp_path / "my-copy")  # --data: the auditor's copy of the data
     assert {k: v for k, v in config.items() if k != "data"} == {"name": "r", "base": "embedded", "seed": 0}
     assert (run / "splits.json").read_text() == SPLITS_JSON
-    assert json.loads((run / "privacy.json").read_text()) == {"epsilon": 3.0}
+    assert json.loads((run / "privacy.json").read_text()) == dp_privacy(3.0)
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == weights(61)
     assert json.loads((run / "adapter" / "adapter_config.json").read_text()) == {"r": 4}
+
+
+# --- issue 18: the registry does not take the client's word; 4xx not 5xx; OpenAPI; signed head; tokens -----
+
+@pytest.mark.parametrize("privacy, needle", [
+    ({"mechanism": "none", "mode": "plain", "epsilon": 1.0}, "records no mechanism"),  # the forged push
+    ({"epsilon": 1.0}, "records no mechanism"),
+    (dp_privacy(0.5, epsilon=1.0), "recomputed by the registry"),  # σ 0.5 over 40 steps is far above ε 1
+    (dp_privacy(1.0, steps="many"), "no numeric 'steps'"),
+    (dp_privacy(1.0, accountant="guess"), "unknown accountant"),
+    ({**dp_privacy(3.0), "epsilon_prv": 0.01}, "epsilon_prv = 0.01"),
+])
+def test_a_forged_privacy_claim_is_refused(reg, privacy, needle):
+    r = call(reg, "ana", "POST", "/adapters", json=adapter_body(700, name="forged", auc=0.51, privacy=privacy))
+    assert r.status_code == 422 and needle in r.json()["error"], r.text
+    assert call(reg, "aud", "GET", "/log").json()[-2]["action"] == "adapters.claim"  # logged (then log.read)
+
+
+def test_epsilon_is_recomputed_and_the_pushed_audit_is_only_a_claim(reg):
+    honest = call(reg, "ana", "POST", "/adapters", json=adapter_body(701, name="dp", auc=0.51,
+                                                                     privacy=dp_privacy(2.0)))
+    assert honest.status_code == 200, honest.text
+    assert honest.json()["privacy"] == {"epsilon": pytest.approx(dp_privacy(2.0)["epsilon"]), "mechanism": "dp-sgd",
+                                        "recomputed": True}
+    adapter = honest.json()["id"]
+    shown = call(reg, "ana", "GET", f"/adapters/{adapter}").json()
+    assert shown["audit"] == {} and shown["audit_by"] is None  # the pushed 0.51 is not the adapter's audit
+    assert shown["claimed_audit"] == {"attacks": {"loss": {"auc": 0.51}}}
+    export = call(reg, "ana", "POST", "/exports", json={"adapter": adapter}).json()["export"]
+    refused = call(reg, "rex", "POST", f"/exports/{export}/approve")  # no run files: the registry cannot audit it
+    assert refused.status_code == 409 and "no audit established" in refused.json()["error"], refused.text
+    assert call(reg, "ana", "GET", f"/exports/{export}/download").status_code == 409
+    audited(reg, adapter, 0.74, base=0.55)  # an auditor's numbers disagree with the claim: flagged
+    shown = call(reg, "ana", "GET", f"/adapters/{adapter}").json()
+    assert shown["audit_by"] == "aud" and shown["audit_flags"] == ["attack loss: claimed AUC 0.510, established 0.740"]
+    refused = call(reg, "rex", "POST", f"/exports/{export}/approve")
+    assert refused.status_code == 409 and "AUC 0.740 is +0.190" in refused.json()["error"]
+    assert call(reg, "ana", "POST", f"/adapters/{adapter}/audit", json={"attacks": {}}).status_code == 403
+    assert call(reg, "aud", "POST", f"/adapters/{adapter}/audit", json={"attacks": {}}).status_code == 422
+
+
+def _non_ascii(field: str, body: dict) -> dict:
+    return {**body, field: "QUJD\u00e9"}  # "ABC" in base64, then an é
+
+
+def test_bad_input_that_used_to_be_a_500_is_a_4xx(reg, fixtures):
+    """The 30 fuzzed 500s of issue 18, one per kind, each a 4xx with a one-line reason."""
+    cases = [
+        ("POST", "/adapters", _non_ascii("weights_b64", adapter_body(702)), 400, "weights_b64 is not valid base64"),
+        ("POST", "/datasets", _non_ascii("data_b64", {"name": "d", "kind": "full"}), 400, "data_b64 is not valid"),
+        ("POST", "/generations", _non_ascii("image_b64", {"adapter": fixtures["main"], "prompt": "p"}), 400,
+         "image_b64 is not valid base64"),
+    ]
+    huge = 2**63
+    cases += [("POST", f"/exports/{huge}/approve", None, 404, f"no export request {huge}"),
+              ("GET", f"/exports/{huge}/download", None, 404, "no export request"),
+              ("GET", f"/incidents/{huge}", None, 404, f"no incident {huge}"),
+              ("POST", f"/incidents/{huge}/close", {"resolution": "x"}, 404, "no incident"),
+              ("POST", f"/incidents/{huge}/report", {"status": "not_audited", "report": {"reason": "x"}}, 404,
+               "no incident")]
+    nan = save({f"{PREFIX}query.lora_A.weight": torch.full((4, 384), float("nan")),
+                f"{PREFIX}query.lora_B.weight": torch.randn(384, 4)})
+    cases.append(("POST", "/adapters", {**adapter_body(703), "weights_b64": base64.b64encode(nan).decode()}, 400,
+                  "adapter has non-finite weights"))
+    for method, path, body, status, needle in cases:
+        who = "aud" if "incidents" in path else "ana"
+        r = call(reg, who, method, path, json=body)
+        assert r.status_code == status and needle in r.json()["error"], (path, r.status_code, r.text)
+        assert "\n" not in r.json()["error"]
+
+
+def test_openapi_documents_every_route_and_its_4xx(reg):
+    from privlora.registry.server import create_app
+
+    schema = httpx.get(reg["url"] + "/openapi.json").json()
+    app = create_app(Registry(reg["root"]))
+    routes = {(m.lower(), r.path) for r in app.routes if hasattr(r, "methods") for m in r.methods
+              if m != "HEAD" and r.path not in ("/openapi.json",)}
+    documented = {(m, path) for path, ops in schema["paths"].items() for m in ops}
+    assert routes == documented
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            if path == "/health":
+                continue
+            assert {"401", "403"} <= set(op["responses"]), (method, path)
+            for code, answer in op["responses"].items():
+                if code.startswith("4"):
+                    assert answer["content"]["application/json"]["schema"]["required"] == ["error"]
+    assert "weights_b64" in schema["paths"]["/adapters"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]["properties"]
+
+
+def test_tokens_expire_and_can_be_revoked(reg):
+    admin = reg["tokens"]["root"]
+    short = httpx.post(reg["url"] + "/users", json={"name": "brief", "role": "engineer", "expires_days": 1 / 86400},
+                       headers=auth(admin)).json()["token"]  # one second
+    assert httpx.get(reg["url"] + "/adapters", headers=auth(short)).status_code == 200
+    time.sleep(1.2)
+    expired = httpx.get(reg["url"] + "/adapters", headers=auth(short))
+    assert expired.status_code == 401 and "token expired on" in expired.json()["error"]
+    bad = httpx.post(reg["url"] + "/users", json={"name": "x", "role": "engineer", "expires_days": 0},
+                     headers=auth(admin))
+    assert bad.status_code == 422 and "expires_days" in bad.json()["error"]
+    token = httpx.post(reg["url"] + "/users", json={"name": "leaver", "role": "researcher"},
+                       headers=auth(admin)).json()["token"]
+    assert httpx.get(reg["url"] + "/adapters", headers=auth(token)).status_code == 200
+    listed = invoke({**reg, "tokens": {**reg["tokens"], "leaver": token}}, "root", "registry", "users")
+    assert "leaver" in listed.stdout and "expires 20" in listed.stdout, listed.stderr
+    revoked = invoke(reg, "root", "registry", "users", "revoke", "leaver")
+    assert revoked.returncode == 0 and "revoked leaver" in revoked.stdout, revoked.stderr
+    answer = httpx.get(reg["url"] + "/adapters", headers=auth(token))
+    assert answer.status_code == 401 and answer.json()["error"] == "token revoked"
+    assert_one_line_error(invoke(reg, "root", "registry", "users", "revoke", "nobody"), "404")
+    assert_one_line_error(invoke(reg, "ana", "registry", "users", "revoke", "eve"), "403")
+    assert call(reg, "eve", "GET", "/adapters").status_code == 200  # the refused revoke changed nothing
+
+
+def test_cutting_off_the_log_is_detected_by_default(reg):
+    """Delete the last entries *and* their checkpoint rows: the signed head outside the database still shows it."""
+    assert call(reg, "aud", "GET", "/log/verify").json()["intact"]
+    db_path = reg["root"] / "registry.db"
+    with sqlite3.connect(db_path) as db:
+        last = db.execute("SELECT max(seq) FROM audit_log").fetchone()[0]
+        rows = db.execute("SELECT * FROM audit_log WHERE seq > ?", (last - 3,)).fetchall()
+        points = db.execute("SELECT * FROM log_checkpoints WHERE count > ?", (last - 3,)).fetchall()
+        db.execute("DELETE FROM audit_log WHERE seq > ?", (last - 3,))
+        db.execute("DELETE FROM log_checkpoints WHERE count > ?", (last - 3,))
+    try:
+        cut = invoke(reg, "aud", "registry", "verify-log")  # no --expect-head needed
+        assert cut.returncode == 1 and "entries cut off" in cut.stderr, (cut.stdout, cut.stderr)
+    finally:
+        with sqlite3.connect(db_path) as db:  # put them back (they still chain) for the other tests
+            db.execute("DELETE FROM audit_log WHERE seq > ?", (last - 3,))
+            db.execute("DELETE FROM log_checkpoints WHERE count > ?", (last - 3,))
+            db.executemany(f"INSERT INTO audit_log VALUES ({','.join('?' * len(rows[0]))})", rows)
+            db.executemany(f"INSERT INTO log_checkpoints VALUES ({','.join('?' * len(points[0]))})", points)
+
+
+@pytest.mark.slow
+def test_the_forged_push_of_issue_18_is_refused_and_the_registry_audits_itself(reg, tmp_path):
+    """A plain-trained run pushed with ε = 1 and a made-up audit (AUC 0.51 vs 0.50) is refused; pushed without
+    the ε, the registry audits the stored bytes itself before the export and flags the made-up numbers."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import CONFIGS, FAST
+    from privlora.registry.client import RegistryClient, RegistryRefusal
+
+    run = tmp_path / "plain"
+    trained = run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--max-steps", "3", "--batch-size", "4",
+                      "--out", str(run), *FAST)
+    assert trained.returncode == 0, trained.stderr
+    weights_file = run / "adapter" / "adapter_model.safetensors"
+    save_file({k: v + 1e-7 for k, v in load_file(weights_file).items()}, weights_file)  # nudged: a new sha256
+    made_up = {"attacks": {"loss": {"adapter": {"auc": 0.40}, "base_control": {"auc": 0.50}}}}
+    (run / "audit").mkdir()
+    (run / "audit" / "results.json").write_text(json.dumps(made_up))
+    (run / "privacy.json").write_text(json.dumps({"mechanism": "none", "mode": "plain", "epsilon": 1.0}))
+    client = RegistryClient(reg["url"], reg["tokens"]["ana"])
+    with pytest.raises(RegistryRefusal, match=r"\(422\).*claims ε = 1 but records no mechanism"):
+        client.push(run)
+    (run / "privacy.json").write_text(json.dumps({"mechanism": "none", "mode": "plain"}))
+    adapter = client.push(run)["id"]
+    export = call(reg, "ana", "POST", "/exports", json={"adapter": adapter}).json()["export"]
+    decision = call(reg, "rex", "POST", f"/exports/{export}/approve")  # the registry runs its loss audit now
+    shown = call(reg, "aud", "GET", f"/adapters/{adapter}").json()
+    assert shown["audit_by"] == "registry" and shown["claimed_audit"] == made_up
+    auc, base = (shown["audit"]["attacks"]["loss"][k]["auc"] for k in ("adapter", "base_control"))
+    assert abs(auc - 0.40) > 0.05 and shown["audit_flags"] == [f"attack loss: claimed AUC 0.400, established {auc:.3f}"]
+    assert decision.status_code == (200 if auc - base <= 0.05 else 409), decision.text  # decided on its own numbers
+    log = call(reg, "aud", "GET", "/log").json()
+    assert any(e["action"] == "adapters.audit" and e["actor"] == "registry" and e["target"] == adapter for e in log)
+    assert any(e["action"] == "adapters.claim" and e["result"] == "disputed" for e in log)

@@ -259,3 +259,57 @@ def test_client_errors_are_one_line(server, tmp_path):
     assert_one_line_error(run_cli("split", "serve", "--port", taken, "--token", "t"), "cannot listen")
     assert_one_line_error(run_cli("split", "serve", "--depth", "6", "--port", str(port), "--token", "t"),
                           "split depth")
+
+
+def test_split_train_and_predict_commands(server, tmp_path):
+    """`privlora split train` / `split predict` on their success path, token from the environment as documented.
+    No noise (privatizer none), so the CLI's labels can be checked against the same run's labels computed here."""
+    from conftest import invoke_cli
+
+    url, env = server["url"], {"PRIVLORA_SPLIT_TOKEN": TOKEN}
+    before = httpx.get(url + "/info", headers=auth()).json()["steps"]
+    run_dir = tmp_path / "cli-run"
+    trained = invoke_cli("split", "train", "--server", url, "--limit", "160", "--steps", "3", "--batch-size", "8",
+                         "--privatizer", "none", "--out", str(run_dir), "-q", env=env)
+    assert trained.returncode == 0, (trained.stdout, trained.stderr)
+    assert httpx.get(url + "/info", headers=auth()).json()["steps"] == before + 3  # each step reached the server
+    summary = json.loads((run_dir / "split.json").read_text())
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert TOKEN not in (run_dir / "config.yaml").read_text()
+    assert summary["depth"] == DEPTH and summary["privatizer"]["name"] == "none"
+    assert summary["train_texts"] + summary["eval_texts"] == 160
+    head, stats = (line.strip() for line in trained.stdout.splitlines()[:2])
+    assert head == f"split training (none, η={summary['privatizer']['eta']}; depth {DEPTH}, frozen bottom) → {run_dir}"
+    words = stats.split()
+    assert stats.startswith("held-out accuracy ")
+    assert float(words[2]) == pytest.approx(summary["eval_accuracy"], abs=5e-4)
+    assert float(words[4].rstrip(")")) == pytest.approx(summary["eval_loss"], abs=5e-4)
+    assert f"on {summary['eval_texts']} texts" in stats
+    assert f"{summary['bytes_sent'] / 2**20:.1f} MiB sent" in stats
+
+    texts = ["great flight, thanks!", "lost my bag again", "the flight left on time"]
+    listed = tmp_path / "more.txt"
+    listed.write_text("worst customer service ever\nwhere is my refund\n")
+    predicted = invoke_cli("split", "predict", *texts, "--input", str(listed), "--run", str(run_dir), "--server", url,
+                           env=env)
+    assert predicted.returncode == 0, (predicted.stdout, predicted.stderr)
+    everything = texts + ["worst customer service ever", "where is my refund"]
+    with HttpTop(url, TOKEN) as top:
+        expected = split_predict(run_dir, everything, top)
+    lines = [f"{label}\t{text}" for label, text in zip(expected, everything, strict=True)]
+    assert predicted.stdout.splitlines() == lines
+    assert set(expected) <= set(summary["classes"])
+    assert httpx.get(url + "/info", headers=auth()).json()["steps"] == before + 3  # prediction trains nothing
+
+
+def test_openapi_documents_every_route_and_its_refusals(server):
+    """Issue 18: /openapi.json is generated from the routes, with every refusal ({"error": ...}) declared."""
+    schema = httpx.get(server["url"] + "/openapi.json").json()
+    assert set(schema["paths"]) == {"/health", "/info", "/forward", "/backward", "/save"}
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            if path != "/health":
+                assert "401" in op["responses"], (method, path)
+    forward = schema["paths"]["/forward"]["post"]
+    assert {"413", "422"} <= set(forward["responses"])
+    assert "application/octet-stream" in forward["requestBody"]["content"]

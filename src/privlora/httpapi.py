@@ -1,6 +1,10 @@
 """What every privlora HTTP service shares: refusals as one-line JSON, a body-size limit enforced while
-streaming, the bearer token from the header, a ``/health`` route, and (client side) reading a refusal.
-Used by the split server and the registry so both answer bad requests the same way.
+streaming, the bearer token from the header, a ``/health`` route, ``/openapi.json``, and (client side)
+reading a refusal. Used by the split server and the registry so both answer bad requests the same way.
+
+OpenAPI: FastAPI builds the schema from the routes themselves, so a route cannot be missing from it; each
+route states its request body (:func:`json_body`, :func:`binary_body`) and every 4xx it can answer
+(:func:`errors`) in its decorator, next to the code that raises them.
 """
 
 from __future__ import annotations
@@ -11,6 +15,31 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+
+ERROR_SCHEMA: dict[str, Any] = {"type": "object", "required": ["error"],
+                                "properties": {"error": {"type": "string", "description": "one-line reason"}}}
+REASONS = {400: "malformed body (not JSON, not base64, non-finite weights)",
+           401: "missing, unknown, expired or revoked bearer token", 403: "not allowed for this role",
+           404: "no such record", 409: "conflicts with the record's state", 413: "request body over the limit",
+           422: "a field is missing, of the wrong type, or refused",
+           503: "busy with another client's step: retry (the split server's one deliberate 5xx)"}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the refusals a route gives, all ``{"error": "<one line>"}``."""
+    return {code: {"description": REASONS[code], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            for code in codes}
+
+
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads a JSON object itself (see the registry's ``json_body``)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def binary_body() -> dict[str, Any]:
+    """``openapi_extra`` for a route whose body is safetensors bytes."""
+    return {"requestBody": {"required": True, "content": {"application/octet-stream": {
+        "schema": {"type": "string", "format": "binary"}}}}}
 
 
 class Refusal(Exception):
@@ -50,8 +79,10 @@ async def read_body(request: Request, max_body: int) -> bytes:
 
 
 def service_app(title: str, log: logging.Logger) -> FastAPI:
-    """A FastAPI app with no docs routes, ``/health``, and the shared error answers."""
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    """A FastAPI app with ``/openapi.json`` (no HTML docs routes), ``/health``, and the shared error answers."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  description="Every refusal is a 4xx with {\"error\": \"<one line>\"}; authenticate with "
+                              "Authorization: Bearer <token>.")
 
     @app.exception_handler(Refusal)
     async def _refused(request: Request, exc: Refusal) -> JSONResponse:

@@ -13,7 +13,8 @@ incidents are opened and read by researchers or auditors, closed by auditors, an
 re-audit report (they alone may pull a quarantined adapter and read the full data it needs); a run's
 splits.json (which records were trained on) is read like sanitized training data; the action log is read by auditors;
 researchers upload dataset versions (a researcher may upload a full version it cannot read back);
-researchers and engineers (who serve the adapters) append generation logs.
+researchers and engineers (who serve the adapters) append generation logs; only auditors attach an audit
+to an adapter outside an incident (the pusher's own audit is a claim the export policy never reads).
 Every endpoint asks :func:`decide`, which never raises: denials carry a reason for the log and the 403.
 """
 
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 
 ROLES = ("researcher", "engineer", "auditor", "admin")
 
-#: role → resource → actions. Actions: adapters read/write; training_data read_sanitized/read_full/write;
+#: role → resource → actions. Actions: adapters read/write/audit (attach an audit: auditors);
+#: training_data read_sanitized/read_full/write;
 #: generation_logs read_metadata/read_full/write; export request/approve; users manage; incidents
 #: open/read/close/report; log read.
 TABLE: dict[str, dict[str, frozenset[str]]] = {
@@ -32,7 +34,7 @@ TABLE: dict[str, dict[str, frozenset[str]]] = {
                    "generation_logs": frozenset({"read_metadata", "read_full", "write"}),
                    "export": frozenset({"request", "approve"}), "incidents": frozenset({"open", "read"})},
     "engineer": {"adapters": frozenset({"read"}), "generation_logs": frozenset({"read_metadata", "write"})},
-    "auditor": {"adapters": frozenset({"read"}), "training_data": frozenset({"read_sanitized", "read_full"}),
+    "auditor": {"adapters": frozenset({"read", "audit"}), "training_data": frozenset({"read_sanitized", "read_full"}),
                 "generation_logs": frozenset({"read_metadata", "read_full"}), "export": frozenset({"approve"}),
                 "incidents": frozenset({"open", "read", "close", "report"}), "log": frozenset({"read"})},
     "admin": {"users": frozenset({"manage"})},

@@ -26,28 +26,38 @@ DEFAULT_ATTACKS = ("loss", "pia")
 DEFAULT_EXTRACTION = 64
 
 
-def rebuild_run(client: RegistryClient, adapter_id: str, folder: Path, *, data: str | None = None) -> Path:
-    """Write ``folder`` as a run directory (config.yaml, splits.json, privacy.json, adapter/) from the
-    registry; raises UserError naming what is missing."""
+def write_run(folder: Path, *, config_yaml: str, splits_json: bytes, privacy: dict[str, Any],
+              adapter_config: dict[str, Any], weights: bytes, data: str | None = None) -> Path:
+    """Write ``folder`` as a run directory (config.yaml, splits.json, privacy.json, adapter/) from what the
+    registry stores — shared by the auditor's re-audit and the registry's own audit (server_audit.py)."""
     import yaml
 
+    folder.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load(config_yaml)
+    if data is not None:
+        config["data"]["source"] = str(data)  # the auditor's copy of the full data
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (folder / "splits.json").write_bytes(splits_json)
+    (folder / "privacy.json").write_text(json.dumps(privacy or {"mechanism": "none"}))
+    adapter = folder / "adapter"  # peft's file names (as the client's push reads them; no peft import here)
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+    (adapter / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+def rebuild_run(client: RegistryClient, adapter_id: str, folder: Path, *, data: str | None = None) -> Path:
+    """Write ``folder`` as a run directory from the registry over HTTP; raises UserError naming what is
+    missing."""
     record = client.get(f"/adapters/{adapter_id}")
     missing = [f for f in RUN_FILES if f not in record.get("files", [])]
     if missing:
         raise UserError(f"adapter {adapter_id[:16]} was pushed without its run's {' and '.join(missing)}, so it "
                         "cannot be audited (push the run folder, not only its adapter/)")
-    folder.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load(client.text(f"/adapters/{adapter_id}/files/config.yaml"))
-    if data is not None:
-        config["data"]["source"] = str(data)  # the auditor's copy of the full data
-    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (folder / "splits.json").write_bytes(client.content(f"/adapters/{adapter_id}/files/splits.json"))
-    (folder / "privacy.json").write_text(json.dumps(record.get("privacy") or {"mechanism": "none"}))
-    adapter = folder / "adapter"  # peft's file names (as the client's push reads them; no peft import here)
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps(record["config"]))
-    (adapter / "adapter_model.safetensors").write_bytes(client.content(f"/adapters/{adapter_id}/weights"))
-    return folder
+    return write_run(folder, config_yaml=client.text(f"/adapters/{adapter_id}/files/config.yaml"),
+                     splits_json=client.content(f"/adapters/{adapter_id}/files/splits.json"),
+                     privacy=record.get("privacy") or {}, adapter_config=record["config"],
+                     weights=client.content(f"/adapters/{adapter_id}/weights"), data=data)
 
 
 def reaudit_incident(client: RegistryClient, incident_id: int, *, attacks: tuple[str, ...] = DEFAULT_ATTACKS,

@@ -6,6 +6,8 @@
   one rank for all, plus optional head tensors (``classifier.*``), each A with its B, and — when the base
   model's shapes are given (:mod:`privlora.registry.bases`) — every layer must exist in the base with the
   matching weight shape ([out, in] or [out, in, kh, kw]);
+* every tensor must be finite: NaN or inf weights are refused (they would poison any model they are merged
+  into, and the spectrum scan below cannot factor them);
 * a spectrum scan (ΔW = B·A per layer, :mod:`privlora.audit.spectrum`) warns when one direction holds
   almost all of a layer's energy: a LoRA can carry a backdoor as a rank-1 trigger (LoRA-as-an-Attack,
   2024). A warning, not a refusal: a tiny rank-1 adapter looks the same.
@@ -28,6 +30,7 @@ class AdapterReport:
     warnings: list[str] = field(default_factory=list)
     rank: int | None = None
     layers: int = 0
+    nonfinite: list[str] = field(default_factory=list)  # tensors holding NaN or inf
 
 
 def _layer(key: str) -> tuple[str, str] | None:
@@ -88,6 +91,15 @@ def inspect_adapter(weights: bytes, *, base_shapes: dict[str, tuple[int, ...]] |
     if len(ranks) > 1:
         report.errors.append(f"mixed LoRA ranks {sorted(ranks)}")
     report.layers, report.rank = len(pairs), (next(iter(ranks)) if len(ranks) == 1 else None)
+    if not report.errors:
+        try:
+            report.nonfinite = _nonfinite(weights)
+        except Exception as e:  # safetensors' own error type: data that does not match its header
+            report.errors.append(f"adapter weights cannot be read as safetensors ({type(e).__name__})")
+        if report.nonfinite:
+            report.errors.append(f"adapter has non-finite weights (NaN or inf in {report.nonfinite[0]}"
+                                 + (f" and {len(report.nonfinite) - 1} more tensors)" if len(report.nonfinite) > 1
+                                    else ")"))
     if not report.errors and scan_spectrum:
         report.warnings.extend(_spectrum_warnings(weights))
     report.ok = not report.errors
@@ -96,6 +108,14 @@ def inspect_adapter(weights: bytes, *, base_shapes: dict[str, tuple[int, ...]] |
 
 def _dims(shape: tuple[int, ...] | list[int]) -> str:
     return "×".join(str(d) for d in shape)
+
+
+def _nonfinite(weights: bytes) -> list[str]:
+    """Names of the tensors that hold a NaN or an infinity (the header was checked: floats only)."""
+    import torch
+    from safetensors.torch import load
+
+    return sorted(key for key, t in load(weights).items() if not bool(torch.isfinite(t).all()))
 
 
 def _spectrum_warnings(weights: bytes) -> list[str]:

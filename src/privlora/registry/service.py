@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from privlora.errors import UserError
 from privlora.httpapi import Refusal
 from privlora.registry.access import ROLES, decide
 from privlora.registry.bases import base_shapes
+from privlora.registry.claims import ClaimError, compare_audits, verify_privacy
 from privlora.registry.ledger import Ledger, verify
 from privlora.registry.safety import inspect_adapter
+from privlora.registry.signing import LogSigner, key_path
 from privlora.registry.store import Store
 
 
@@ -30,6 +33,9 @@ class Refused(Refusal):
 #: the run files an audit needs, stored beside the adapter: name → check of the bytes (None when fine)
 RUN_FILES = ("config.yaml", "splits.json")
 REPORT_STATUSES = ("audited", "not_audited")
+DEFAULT_TOKEN_DAYS = 30.0
+MAX_TOKEN_DAYS = 3650.0
+MAX_ROW_ID = 2**63 - 1  # ids are SQL integers: larger ones are no row (and would overflow the driver)
 
 
 def _check_run_file(name: str, data: bytes) -> str | None:
@@ -59,6 +65,10 @@ class Principal:
 class ExportPolicy:
     """An adapter may leave only if its latest audit is under these bounds (None: not required).
 
+    Only numbers the registry established count: the audit it ran itself or an auditor attached
+    (``audit_by`` set), never the pusher's ``claimed_audit``; ε as recomputed from the recorded mechanism
+    (``epsilon``, claims.py), never the number in privacy.json.
+
     ``max_auc_gain`` bounds what the adapter *adds*: each attack's AUC on the adapter minus its AUC on the
     base model (the audit's control, same images, noise and batches). An absolute AUC bound alone would
     also judge the data: on the 68 demo faces the untouched base model already scores 0.60 with PIA, so
@@ -72,9 +82,10 @@ class ExportPolicy:
 
     def check(self, adapter: dict[str, Any]) -> str | None:
         """None when the adapter passes; else why not."""
-        aucs = attack_aucs(adapter["audit"])
+        aucs = attack_aucs(adapter["audit"]) if adapter.get("audit_by") else {}
         if (self.max_auc is not None or self.max_auc_gain is not None) and not aucs:
-            return "no audit attached (export needs an audit with attack AUCs)"
+            return ("no audit established by the registry or an auditor (the pusher's own audit is only a claim; "
+                    "an export needs an audit with attack AUCs)")
         for name, (auc, base) in aucs.items():
             if self.max_auc is not None and auc > self.max_auc + 1e-9:
                 return f"attack {name}: AUC {auc:.3f} > policy {self.max_auc}"
@@ -82,10 +93,9 @@ class ExportPolicy:
                 control = "chance (0.5)" if base is None else f"the base model's {base:.3f}"
                 return (f"attack {name}: AUC {auc:.3f} is {auc - (0.5 if base is None else base):+.3f} over "
                         f"{control} (policy ≤ +{self.max_auc_gain})")
-        if self.max_epsilon is not None:
-            eps = [float(v) for v in _find(adapter["privacy"], "epsilon") if isinstance(v, int | float)]
-            if eps and max(eps) > self.max_epsilon:
-                return f"ε {max(eps):.3g} > policy {self.max_epsilon}"
+        eps = adapter.get("epsilon")
+        if self.max_epsilon is not None and eps is not None and eps > self.max_epsilon:
+            return f"ε {eps:.3g} (recomputed from the recorded mechanism) > policy {self.max_epsilon}"
         return None
 
 
@@ -105,28 +115,29 @@ def attack_aucs(audit: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
     return out
 
 
-def _find(tree: Any, key: str) -> list[Any]:
-    """Every value under ``key`` anywhere in a JSON tree (audit results nest per attack)."""
-    out: list[Any] = []
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            if k == key and isinstance(v, int | float):
-                out.append(v)
-            else:
-                out.extend(_find(v, key))
-    elif isinstance(tree, list):
-        for v in tree:
-            out.extend(_find(v, key))
-    return out
+def _row_id(value: int, what: str) -> int:
+    """A path id as a row id: one beyond what SQL integers hold names no row (404, not an overflow)."""
+    if not 0 < value <= MAX_ROW_ID:
+        raise Refused(404, f"no {what} {value}")
+    return value
 
 
 class Registry:
-    def __init__(self, root: Path, *, url: str | None = None, policy: ExportPolicy = ExportPolicy()) -> None:
+    def __init__(self, root: Path, *, url: str | None = None, policy: ExportPolicy = ExportPolicy(),
+                 log_key: Path | str | None = None, token_days: float = DEFAULT_TOKEN_DAYS,
+                 audit_attacks: tuple[str, ...] = ("loss",)) -> None:
+        """``log_key``: the Ed25519 key signing the log's checkpoints (default ``$PRIVLORA_REGISTRY_LOG_KEY``
+        or ``<root>/log-signing.key``); ``token_days``: default lifetime of new tokens; ``audit_attacks``:
+        the attacks of the registry's own audit before an export (empty: only auditors' audits count)."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         url = url or f"sqlite:///{root / 'registry.db'}"
+        if not 0 < token_days <= MAX_TOKEN_DAYS:
+            raise UserError(f"token lifetime must be in (0, {MAX_TOKEN_DAYS:g}] days, got {token_days:g}")
+        self.token_days, self.audit_attacks = token_days, tuple(audit_attacks)
+        signer = LogSigner(key_path(root, log_key))
         try:
-            self.ledger = Ledger(url)
+            self.ledger = Ledger(url, signer)
             self.store = Store(url, root)
         except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as e:
             raise UserError(f"--db {url.split('@')[-1]!r} is not a database URL SQLAlchemy can open ({e}); e.g. "
@@ -155,26 +166,50 @@ class Registry:
         if self.store.users():
             raise Refused(409, "the registry already has users; ask an admin for an account")
         token = secrets.token_urlsafe(24)
-        self.store.add_user(name, "admin", token)
+        self.store.add_user(name, "admin", token, expires=time.time() + self.token_days * 86400)
         self.ledger.append("(local)", "users.bootstrap", name, "allowed")
         return token
 
     def authenticate(self, token: str) -> Principal:
+        """The token's user; 401 when it is unknown, revoked or past its expiry (tokens issued before expiry
+        existed expire ``token_days`` after their creation)."""
         user = self.store.user_by_token(token) if token else None
+        reason = None
         if user is None:
-            self.ledger.append("(unknown)", "authenticate", "-", "denied", {"reason": "missing or unknown token"})
-            raise Refused(401, "missing or unknown token")
+            reason = "missing or unknown token"
+        elif user["revoked"] is not None:
+            reason = "token revoked"
+        else:
+            expires = user["expires"] if user["expires"] is not None else user["created"] + self.token_days * 86400
+            if time.time() >= expires:
+                when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires))
+                reason = f"token expired on {when}; ask an admin for a new one"
+        if reason is not None:
+            self.ledger.append(user["name"] if user else "(unknown)", "authenticate", "-", "denied",
+                               {"reason": reason})
+            raise Refused(401, reason)
         return Principal(user["name"], user["role"])
 
-    def add_user(self, who: Principal, name: str, role: str) -> str:
+    def add_user(self, who: Principal, name: str, role: str, expires_days: float | None = None) -> str:
         self._gate(who, "users", "manage", name)
         if role not in ROLES:
             raise Refused(422, f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+        days = self.token_days if expires_days is None else expires_days
+        if not 0 < days <= MAX_TOKEN_DAYS:
+            raise Refused(422, f"expires_days must be in (0, {MAX_TOKEN_DAYS:g}]")
         if self.store.has_user(name):
             raise Refused(409, f"user {name!r} exists")
         token = secrets.token_urlsafe(24)
-        self.store.add_user(name, role, token)
+        self.store.add_user(name, role, token, expires=time.time() + days * 86400)
         return token
+
+    def revoke_user(self, who: Principal, name: str) -> dict[str, Any]:
+        """Revoke a user's token at once (every later call with it is a 401)."""
+        self._gate(who, "users", "manage", f"revoke:{name}")
+        if not self.store.has_user(name):
+            raise Refused(404, f"no user {name!r}")
+        self.store.revoke_user(name)
+        return {"name": name, "revoked": True}
 
     def list_users(self, who: Principal) -> list[dict[str, Any]]:
         self._gate(who, "users", "manage", "*")
@@ -196,14 +231,23 @@ class Registry:
                 raise Refused(422, problem)
         known, shapes = base_shapes(str(config.get("base_model_name_or_path") or ""))
         report = inspect_adapter(weights, base_shapes=shapes)
+        if report.nonfinite:
+            raise Refused(400, next(e for e in report.errors if e.startswith("adapter has non-finite weights")))
         if not report.ok:
             more = f" (and {len(report.errors) - 3} more)" if len(report.errors) > 3 else ""
             raise Refused(422, "; ".join(report.errors[:3]) + more)
+        try:
+            verified = verify_privacy(privacy or {})
+        except ClaimError as e:
+            self.ledger.append(who.name, "adapters.claim", name, "denied", {"reason": str(e)})
+            raise Refused(422, f"privacy claim refused: {e}") from None
         adapter_id, created = self.store.put_adapter(weights, name=name, owner=who.name, config=config,
-                                                     privacy=privacy or {}, audit=audit or {}, files=files)
+                                                     privacy=privacy or {}, claimed_audit=audit or {},
+                                                     epsilon=verified.epsilon, files=files)
         return {"id": adapter_id, "created": created, "rank": report.rank, "layers": report.layers,
                 "warnings": report.warnings, "base": known, "base_checked": known is not None,
-                "files": sorted(self.store.adapter_files(adapter_id))}
+                "files": sorted(self.store.adapter_files(adapter_id)), "privacy": verified.record(),
+                "audit": "claimed (the export policy reads only an audit the registry or an auditor establishes)"}
 
     def list(self, who: Principal) -> list[dict[str, Any]]:
         self._gate(who, "adapters", "read", "*")
@@ -243,15 +287,53 @@ class Registry:
         self._adapter(adapter_id)
         return {"export": self.store.request_export(adapter_id, who.name), "status": "requested"}
 
+    def attach_audit(self, who: Principal, adapter_id: str, results: dict[str, Any]) -> dict[str, Any]:
+        """An auditor's audit results.json for this adapter (bound to its sha256 by the path), outside any
+        incident: it becomes the adapter's established audit, and a disagreeing claim is flagged."""
+        adapter = self.store.adapter(adapter_id)
+        self._gate(who, "adapters", "audit", adapter_id)
+        if adapter is None:
+            raise Refused(404, f"no adapter {adapter_id}")
+        if not isinstance(results.get("attacks"), dict) or not attack_aucs(results):
+            raise Refused(422, "an audit is an audit results.json with attack AUCs")
+        return self._establish(adapter, results, by=who.name)
+
+    def _establish(self, adapter: dict[str, Any], results: dict[str, Any], *, by: str) -> dict[str, Any]:
+        flags = compare_audits(adapter["claimed_audit"], results)
+        self.store.set_audit(adapter["id"], results, by=by, flags=flags)
+        if flags:
+            self.ledger.append(by, "adapters.claim", adapter["id"], "disputed", {"flags": flags})
+        return {"adapter": adapter["id"], "audit_by": by, "claim_disagrees": flags}
+
+    def _server_audit(self, who: Principal, adapter: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        """The registry's own audit when nobody has established one (once per adapter): the adapter as it
+        is then, and why the audit could not run (None when it ran or was not needed)."""
+        if adapter.get("audit_by") or not self.audit_attacks:
+            return adapter, None
+        from privlora.registry.server_audit import audit_stored
+
+        try:
+            results = audit_stored(self.store, adapter, attacks=self.audit_attacks)
+        except UserError as e:
+            self.ledger.append("registry", "adapters.audit", adapter["id"], "failed", {"reason": str(e)})
+            return adapter, str(e)
+        self.ledger.append("registry", "adapters.audit", adapter["id"], "allowed",
+                           {"requested_by": who.name, "attacks": list(self.audit_attacks)})
+        self._establish(adapter, results, by="registry")
+        return self._adapter(adapter["id"]), None
+
     def approve_export(self, who: Principal, export_id: int) -> dict[str, Any]:
-        export = self.store.export(export_id)
+        export = self.store.export(_row_id(export_id, "export request"))
         self._gate(who, "export", "approve", str(export_id), requester=export["requester"] if export else None)
         if export is None:
             raise Refused(404, f"no export request {export_id}")
         adapter = self._adapter(export["adapter"])
         if adapter["quarantined"]:
             raise Refused(409, "adapter is quarantined (incident open)")
+        adapter, failed = self._server_audit(who, adapter)
         why = self.policy.check(adapter)
+        if why is not None and failed is not None:
+            why += f"; the registry could not audit it itself: {failed}"
         if why is not None:
             self.ledger.append(who.name, "export.policy", str(export_id), "denied", {"reason": why})
             raise Refused(409, f"export policy not met: {why}")
@@ -259,7 +341,7 @@ class Registry:
         return {"export": export_id, "status": "approved", "approver": who.name}
 
     def download_export(self, who: Principal, export_id: int) -> bytes:
-        export = self.store.export(export_id)
+        export = self.store.export(_row_id(export_id, "export request"))
         self._gate(who, "export", "request", str(export_id))
         if export is None or export["requester"] != who.name:
             raise Refused(403, "only the requester downloads an export")
@@ -322,7 +404,7 @@ class Registry:
 
     def close_incident(self, who: Principal, incident_id: int, resolution: str) -> dict[str, Any]:
         self._gate(who, "incidents", "close", str(incident_id))
-        incident = self.store.incident(incident_id)
+        incident = self.store.incident(_row_id(incident_id, "incident"))
         if incident is None:
             raise Refused(404, f"no incident {incident_id}")
         self.store.close_incident(incident_id, resolution, who.name)
@@ -337,7 +419,7 @@ class Registry:
     def show_incident(self, who: Principal, incident_id: int) -> dict[str, Any]:
         """The incident with every report attached to it, oldest first."""
         self._gate(who, "incidents", "read", str(incident_id))
-        incident = self.store.incident(incident_id)
+        incident = self.store.incident(_row_id(incident_id, "incident"))
         if incident is None:
             raise Refused(404, f"no incident {incident_id}")
         return {**incident, "reports": self.store.reports(incident_id)}
@@ -347,7 +429,7 @@ class Registry:
         """Attach a re-audit to an open incident; an ``audited`` report becomes the adapter's latest audit
         (what the export policy reads), a ``not_audited`` one records why the audit could not run."""
         self._gate(who, "incidents", "report", str(incident_id))
-        incident = self.store.incident(incident_id)
+        incident = self.store.incident(_row_id(incident_id, "incident"))
         if incident is None:
             raise Refused(404, f"no incident {incident_id}")
         if incident["closed"] is not None:
@@ -360,7 +442,7 @@ class Registry:
             raise Refused(422, "a not_audited report says why (reason)")
         number = self.store.add_report(incident_id, by=who.name, status=status, report=report)
         if status == "audited":
-            self.store.set_audit(incident["adapter"], report)
+            self._establish(self._adapter(incident["adapter"]), report, by=who.name)
         return {"incident": incident_id, "report": number, "status": status, "latest_audit": status == "audited"}
 
     # --- the log --------------------------------------------------------------------------------------------
@@ -373,11 +455,16 @@ class Registry:
         still be an entry of the chain — what a chain alone cannot show (its last entries cut off, or the
         whole log rewritten by someone holding the database) then shows as a missing anchor."""
         self._gate(who, "log", "read", "verify")
-        entries = self.ledger.entries()
+        with self.ledger.lock:  # no append between reading the entries and the checkpoints
+            entries = self.ledger.entries()
+            signed, checkpoint = self.ledger.checkpoint_problems(entries)
         problems = [p.__dict__ for p in verify(entries)]
+        problems += [p.__dict__ for p in signed]
         if expect_head is not None:
             at = next((e["seq"] for e in entries if e["hash"] == expect_head.strip().lower()), None)
             if at is None:
                 problems.append({"seq": 0, "kind": "anchor", "message": f"the published head {expect_head[:16]}… "
                                  "is no entry of this log (entries cut off or the log rewritten)"})
-        return {"intact": not problems, "head": self.ledger.head(), "problems": problems}
+        return {"intact": not problems, "head": self.ledger.head(), "problems": problems,
+                "checkpoint": checkpoint and {"count": checkpoint["count"], "head": checkpoint["head"]},
+                "public_key": self.ledger.signer.public_hex() if self.ledger.signer else None}

@@ -30,6 +30,8 @@ USERS = sa.Table(
     sa.Column("role", sa.String(20), nullable=False),
     sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
     sa.Column("created", sa.Float, nullable=False),
+    sa.Column("expires", sa.Float, nullable=True),  # the token's expiry (unix time); None: issued before expiry
+    sa.Column("revoked", sa.Float, nullable=True),  # when an admin revoked the token
 )
 ADAPTERS = sa.Table(
     "adapters", _META,
@@ -39,8 +41,12 @@ ADAPTERS = sa.Table(
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("config", sa.Text, nullable=False),  # adapter_config.json
     sa.Column("privacy", sa.Text, nullable=False),  # privacy.json ({} if none)
-    sa.Column("audit", sa.Text, nullable=False),  # latest audit results.json ({} if none)
+    sa.Column("audit", sa.Text, nullable=False),  # latest *established* audit results.json ({} if none)
     sa.Column("quarantined", sa.Boolean, nullable=False, default=False),
+    sa.Column("audit_by", sa.String(100), nullable=True),  # "registry" or the auditor; None: no audit of ours
+    sa.Column("claimed_audit", sa.Text, nullable=True),  # the pusher's results.json: stored, never trusted
+    sa.Column("audit_flags", sa.Text, nullable=True),  # JSON list: where the claim disagrees with the audit
+    sa.Column("epsilon", sa.Float, nullable=True),  # ε recomputed from the recorded mechanism (claims.py)
 )
 EXPORTS = sa.Table(
     "exports", _META,
@@ -125,19 +131,26 @@ class Store:
         self.blobs.mkdir(parents=True, exist_ok=True)
 
     # users
-    def add_user(self, name: str, role: str, token: str) -> None:
+    def add_user(self, name: str, role: str, token: str, *, expires: float | None) -> None:
         with self.engine.begin() as db:
-            db.execute(USERS.insert().values(name=name, role=role, token_sha256=token_hash(token), created=time.time()))
+            db.execute(USERS.insert().values(name=name, role=role, token_sha256=token_hash(token), created=time.time(),
+                                             expires=expires))
 
     def user_by_token(self, token: str) -> dict[str, Any] | None:
         with self.engine.connect() as db:
-            row = db.execute(sa.select(USERS.c.name, USERS.c.role).where(USERS.c.token_sha256 == token_hash(token))
-                             ).first()
+            row = db.execute(sa.select(USERS.c.name, USERS.c.role, USERS.c.created, USERS.c.expires,
+                                       USERS.c.revoked).where(
+                USERS.c.token_sha256 == token_hash(token))).first()
         return dict(row._mapping) if row else None
 
     def users(self) -> list[dict[str, Any]]:
+        cols = [USERS.c.name, USERS.c.role, USERS.c.created, USERS.c.expires, USERS.c.revoked]
         with self.engine.connect() as db:
-            return [dict(r._mapping) for r in db.execute(sa.select(USERS.c.name, USERS.c.role, USERS.c.created))]
+            return [dict(r._mapping) for r in db.execute(sa.select(*cols))]
+
+    def revoke_user(self, name: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(USERS.update().where(USERS.c.name == name).values(revoked=time.time()))
 
     def has_user(self, name: str) -> bool:
         with self.engine.connect() as db:
@@ -145,9 +158,10 @@ class Store:
 
     # adapters
     def put_adapter(self, weights: bytes, *, name: str, owner: str, config: dict[str, Any],
-                    privacy: dict[str, Any], audit: dict[str, Any], files: dict[str, bytes] | None = None
-                    ) -> tuple[str, bool]:
-        """Store (idempotently) with its run files; returns (id, created). A re-push adds files it lacked."""
+                    privacy: dict[str, Any], claimed_audit: dict[str, Any], epsilon: float | None,
+                    files: dict[str, bytes] | None = None) -> tuple[str, bool]:
+        """Store (idempotently) with its run files; returns (id, created). A re-push adds files it lacked.
+        The pusher's audit is kept as ``claimed_audit``; ``audit`` (what the policy reads) starts empty."""
         digest = self.put_blob(weights, ".safetensors")
         stored = {name: self.put_blob(data, ".file") for name, data in (files or {}).items()}
         with self.engine.begin() as db:
@@ -155,7 +169,8 @@ class Store:
             if created:
                 db.execute(ADAPTERS.insert().values(id=digest, name=name, owner=owner, created=time.time(),
                                                     config=json.dumps(config), privacy=json.dumps(privacy),
-                                                    audit=json.dumps(audit), quarantined=False))
+                                                    audit="{}", claimed_audit=json.dumps(claimed_audit),
+                                                    epsilon=epsilon, quarantined=False))
             have = {r.name for r in db.execute(sa.select(ADAPTER_FILES.c.name).where(
                 ADAPTER_FILES.c.adapter == digest))}
             for file_name, sha in stored.items():
@@ -175,8 +190,9 @@ class Store:
         if row is None:
             return None
         out = dict(row._mapping)
-        for key in ("config", "privacy", "audit"):
-            out[key] = json.loads(out[key])
+        for key, empty in (("config", "{}"), ("privacy", "{}"), ("audit", "{}"), ("claimed_audit", "{}"),
+                           ("audit_flags", "[]")):
+            out[key] = json.loads(out[key] or empty)
         return out
 
     def adapters(self) -> list[dict[str, Any]]:
@@ -239,9 +255,12 @@ class Store:
         with self.engine.begin() as db:
             db.execute(ADAPTERS.update().where(ADAPTERS.c.id == adapter_id).values(quarantined=value))
 
-    def set_audit(self, adapter_id: str, audit: dict[str, Any]) -> None:
+    def set_audit(self, adapter_id: str, audit: dict[str, Any], *, by: str, flags: list[str]) -> None:
+        """The adapter's established audit (the registry's own run, or an auditor's) and where the pusher's
+        claim disagrees with it."""
         with self.engine.begin() as db:
-            db.execute(ADAPTERS.update().where(ADAPTERS.c.id == adapter_id).values(audit=json.dumps(audit)))
+            db.execute(ADAPTERS.update().where(ADAPTERS.c.id == adapter_id).values(
+                audit=json.dumps(audit), audit_by=by, audit_flags=json.dumps(flags)))
 
     # exports
     def request_export(self, adapter_id: str, requester: str) -> int:

@@ -11,6 +11,7 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``):
   LoRA and steps; answers safetensors ``grad_hidden`` when the forward asked for ``input_grad`` (a trainable
   bottom), else 204
 * ``POST /save`` → writes the adapter to the server's ``--out`` folder
+* ``GET /openapi.json`` → the schema, generated from these routes (each declares its body and refusals)
 
 Every refusal is a 4xx with ``{"error": "<one line>"}``; the server stays up. The token is compared in
 constant time and never logged (uvicorn's access log prints method, path and status only).
@@ -27,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from privlora.httpapi import bearer, read_body, service_app
+from privlora.httpapi import bearer, binary_body, errors, read_body, service_app
 from privlora.split.service import TopService
 from privlora.split.wire import WireError, pack, unpack
 
@@ -57,12 +58,18 @@ def create_app(service: TopService, token: str, *, out: Path | None = None,
             raise WireError(422, f"query parameter {name!r} must be 0 or 1")
         return value in ("1", "true")
 
-    @app.get("/info")
+    flags = [{"name": n, "in": "query", "required": False, "schema": {"type": "string", "enum": ["0", "1", "true",
+                                                                                               "false"]}}
+             for n in ("train", "input_grad")]
+    step = [{"name": "step", "in": "query", "required": True, "schema": {"type": "string"}}]
+
+    @app.get("/info", responses=errors(401))
     def info(request: Request) -> dict[str, Any]:
         authorize(request)
         return service.info()
 
-    @app.post("/forward")
+    @app.post("/forward", responses=errors(400, 401, 413, 422, 503),
+              openapi_extra={**binary_body(), "parameters": flags})
     async def forward(request: Request) -> Response:
         authorize(request)
         train, input_grad = flag(request, "train"), flag(request, "input_grad")
@@ -72,7 +79,8 @@ def create_app(service: TopService, token: str, *, out: Path | None = None,
         headers = {"X-Privlora-Step": step_id} if step_id else {}
         return Response(pack({"logits": logits}), media_type="application/octet-stream", headers=headers)
 
-    @app.post("/backward")
+    @app.post("/backward", responses=errors(400, 401, 409, 413, 422),
+              openapi_extra={**binary_body(), "parameters": step})
     async def backward(request: Request) -> Response:
         authorize(request)
         step_id = request.query_params.get("step", "")
@@ -83,7 +91,7 @@ def create_app(service: TopService, token: str, *, out: Path | None = None,
             return Response(status_code=204)
         return Response(pack({"grad_hidden": grad_hidden}), media_type="application/octet-stream")
 
-    @app.post("/save")
+    @app.post("/save", responses=errors(401, 409))
     def save(request: Request) -> dict[str, Any]:
         authorize(request)
         if out is None:
