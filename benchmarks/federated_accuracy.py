@@ -5,8 +5,8 @@ FFA-LoRA on 5 non-IID clients (Dirichlet α = 0.5) of 2 000 tweets (configs/fed-
 same optimiser and the same number of samples processed (10 × 5 × 20 × 16), both evaluated on the
 server's held-out 20 %. Then the same federation with client-level Gaussian DP at ε = 8 and ε = 3
 (δ = 1e-5, SecAgg+ with distributed noise: each client adds σC/√5, the sum carries σC), and with int8
-uploads; and client-level DP at ε = 8 with 100 clients, 10 sampled per round (`--only NAME` runs one
-variant and adds it to the results file). Every number comes from one run of this script.
+uploads; and client-level DP at ε = 8 with 100 clients, each joining a round with q = 0.1 (Poisson, ≈ 10
+per round; `--only NAME` runs one variant and adds it to the results file). Every number comes from one run of this script.
 
     python benchmarks/federated_accuracy.py            # ~25 min on 2 cores
 
@@ -39,7 +39,7 @@ VARIANTS = {
                     "dp": {"mechanism": "gaussian", "target_epsilon": 8.0, "clip": 0.5, "placement": "distributed"}},
     "ffa_dp_eps3": {"secagg": {"enabled": True},
                     "dp": {"mechanism": "gaussian", "target_epsilon": 3.0, "clip": 0.5, "placement": "distributed"}},
-    # client-level DP needs many clients: 100 clients, 10 sampled per round (q = 0.1), same 2 000 tweets
+    # client-level DP needs many clients: 100 clients, Poisson q = 0.1 (≈ 10 per round), same 2 000 tweets
     "ffa_dp_eps8_100_clients": {"clients": 100, "clients_per_round": 10, "secagg": {"enabled": True},
                                 "dp": {"mechanism": "gaussian", "target_epsilon": 8.0, "clip": 0.5,
                                        "placement": "distributed"}},

@@ -13,18 +13,23 @@ client that vanished mid-round (a killed SuperNode) costs one timeout, not the w
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+import flwr.compat.common.recorddict_compat as compat  # Flower's record ↔ legacy converters
 from flwr.client import ClientApp
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, Context, Message, MessageType
+from flwr.common import Code, Context, FitRes, Message, MessageType
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from privlora.config import FederatedConfig
 
 CONFIG_KEY = "privlora-config"
+PULL_SECONDS = 0.5  # between polls for replies (Flower's own loop: 3 s deployed, 0.1 s in simulation)
 WORKDIR_KEY = "privlora-workdir"
 
 
@@ -35,7 +40,6 @@ class TimedFitWorkflow:
         self.timeout = timeout
 
     def __call__(self, grid: Grid, context: Context) -> None:
-        import flwr.compat.common.recorddict_compat as compat  # Flower's record ↔ legacy converters
         from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
         ctx = cast(LegacyContext, context)
@@ -49,21 +53,59 @@ class TimedFitWorkflow:
         out = [Message(content=compat.fitins_to_recorddict(ins, True), dst_node_id=proxy.node_id,
                        message_type=MessageType.TRAIN, group_id=str(current_round))
                for proxy, ins in instructions]
-        replies = list(grid.send_and_receive(out, timeout=self.timeout))
-        answered = {m.metadata.src_node_id for m in replies}
-        results: list[Any] = []
-        failures: list[Any] = [TimeoutError(f"node {n} did not answer in {self.timeout:.0f} s")
-                               for n in proxies if n not in answered]
-        for msg in replies:
-            if msg.has_content():
-                res = compat.recorddict_to_fitres(msg.content, False)
-                (results if res.status.code == Code.OK else failures).append((proxies[msg.metadata.src_node_id], res))
-            else:
-                failures.append(Exception(msg.error))
+        sent, replies = push_and_pull(grid, out, proxies, self.timeout)
+        results, failures = sort_replies(sent, replies, self.timeout)
         new_parameters, metrics = ctx.strategy.aggregate_fit(current_round, results, failures)
         if new_parameters:
             ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(new_parameters, True)
             ctx.history.add_metrics_distributed_fit(server_round=current_round, metrics=metrics)
+
+
+def push_and_pull(grid: Grid, out: list[Message], proxies: Mapping[int, ClientProxy],
+                  timeout: float) -> tuple[dict[str, ClientProxy], list[Message]]:
+    """Flower's ``send_and_receive``, keeping what it drops: the id the SuperLink gave each message
+    (replies name it in ``reply_to_message_id``; the deployment grid's ids come back from the SuperLink,
+    they are not the ones on our objects). A message that could not be pushed gets a key no reply
+    has, so it counts as one unanswered client."""
+    ids = list(grid.push_messages(out))
+    sent = {(mid or f"unsent:{m.metadata.dst_node_id}"): proxies[m.metadata.dst_node_id]
+            for mid, m in zip(ids, out, strict=True)}
+    waiting = {mid for mid in ids if mid}
+    replies: list[Message] = []
+    end = time.monotonic() + timeout
+    while waiting and time.monotonic() < end:
+        got = list(grid.pull_messages(list(waiting)))
+        replies += got
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if waiting:
+            time.sleep(PULL_SECONDS)
+    return sent, replies
+
+
+def sort_replies(sent: Mapping[str, ClientProxy], replies: Iterable[Message],
+                 timeout: float) -> tuple[list[tuple[ClientProxy, FitRes]], list[Any]]:
+    """One outcome per message sent (``sent``: message id → the client it went to): a result, or one
+    failure. Replies are matched by ``reply_to_message_id``, never by sender: the SuperLink answers for
+    a node it has lost (``NODE_UNAVAILABLE``) with an error reply whose sender is the SuperLink itself,
+    so matching by sender counted a killed SuperNode twice (that error and a "did not answer").
+    Replies to messages not in ``sent``, and repeated replies, are ignored."""
+    results: list[tuple[ClientProxy, FitRes]] = []
+    failures: list[Any] = []
+    answered: set[str] = set()
+    for msg in replies:
+        mid = msg.metadata.reply_to_message_id
+        if mid not in sent or mid in answered:
+            continue
+        answered.add(mid)
+        proxy = sent[mid]
+        if msg.has_content():
+            res = compat.recorddict_to_fitres(msg.content, False)
+            (results if res.status.code == Code.OK else failures).append((proxy, res))
+        else:
+            failures.append(Exception(f"node {proxy.node_id}: {msg.error.reason} (code {msg.error.code})"))
+    failures += [TimeoutError(f"node {proxy.node_id} did not answer in {timeout:.0f} s")
+                 for mid, proxy in sent.items() if mid not in answered]
+    return results, failures
 
 
 class EdgeSecAggWorkflow:

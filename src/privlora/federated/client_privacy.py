@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -168,10 +169,21 @@ def effective_noise_multiplier(noise_multiplier: float, placement: str, planned:
     return p.effective(sigma, planned, survivors)
 
 
+@lru_cache(maxsize=256)
+def _rdp_step(sigma: float, q: float) -> tuple[float, ...]:
+    """RDP of one Poisson-subsampled Gaussian step at Opacus' default orders (cached: the ledger asks for
+    the same ``(σ, q)`` every round, and small ``q`` with fractional orders takes Opacus ~0.5 s)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    return tuple(float(v) for v in np.atleast_1d(rdp_analysis.compute_rdp(
+        q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)))
+
+
 def gaussian_epsilons(history: Sequence[tuple[float, float]], delta: float) -> list[float]:
     """Cumulative ε after each round, by Opacus's RDP accountant, for ``history`` = one
     ``(noise_multiplier, sample_rate)`` per round (one accountant step per round; ``sample_rate`` is the
-    fraction of clients sampled).
+    Poisson rate at which clients join a round).
 
     Computes exactly what ``RDPAccountant`` does (same orders, same RDP bound, same conversion) but keeps
     a running RDP total, so each distinct ``(σ, q)`` is analysed once instead of every round.
@@ -181,17 +193,13 @@ def gaussian_epsilons(history: Sequence[tuple[float, float]], delta: float) -> l
 
     delta = _delta(delta)
     orders = RDPAccountant.DEFAULT_ALPHAS
-    per_step: dict[tuple[float, float], np.ndarray] = {}
     total = np.zeros(len(orders))
     out = []
     for r, (sigma, q) in enumerate(history):
         sigma = _positive(sigma, f"round {r}: the noise multiplier")
         if not (math.isfinite(q) and 0 < q <= 1):
             raise UserError(f"round {r}: the sample rate must lie in (0, 1], got {q}")
-        if (sigma, q) not in per_step:
-            per_step[(sigma, q)] = np.asarray(
-                rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders), dtype=np.float64)
-        total = total + per_step[(sigma, q)]
+        total = total + np.asarray(_rdp_step(float(sigma), float(q)), dtype=np.float64)
         eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=total, delta=delta)
         out.append(float(eps))
     return out

@@ -1,5 +1,6 @@
 """The server's side: a Flower ``Strategy`` that samples clients, checks and merges their LoRA uploads,
-keeps the privacy ledger and evaluates the global adapter on the server's held-out set.
+keeps the privacy ledger (:mod:`privlora.federated.privacy_plan`, which also decides who is sampled) and
+evaluates the global adapter on the server's held-out set.
 
 It is a legacy-API ``Strategy`` on purpose: Flower's SecAgg+ lives in the workflow API
 (``SecAggPlusWorkflow``), which drives exactly this interface — with SecAgg+ on, ``aggregate_fit``
@@ -33,112 +34,8 @@ from privlora.federated import aggregation, client_privacy
 from privlora.federated.client import fresh_task, task_for
 from privlora.federated.compression import get_codec
 from privlora.federated.data import federated_data
-from privlora.federated.partition import sample_clients
+from privlora.federated.privacy_plan import PrivacyPlan
 from privlora.federated.rules import Rule, get_rule, weighted_mean
-
-#: P(‖N(0, s²I_d)‖ > s(√d + t)) ≤ exp(-t²/2): t = 6 gives < 1e-8 per honest upload
-NOISE_NORM_SLACK = 6.0
-
-
-class PrivacyPlan:
-    """σ or the per-round ε schedule, and the running ledger written to ``privacy.json``."""
-
-    def __init__(self, config: FederatedConfig) -> None:
-        self.config = config
-        dp = config.dp
-        self.mechanism = dp.mechanism
-        self.sample_rate = config.per_round() / config.clients
-        self.history: list[tuple[float, float]] = []  # (effective σ, sample rate) per round with DP
-        self.laplace_eps: list[float] = []
-        self.sigma = 0.0
-        if self.mechanism == "gaussian":
-            self.sigma = dp.noise_multiplier if dp.noise_multiplier is not None else self._solve_sigma()
-        self.schedule = (client_privacy.epsilon_schedule(dp.schedule, dp.epsilon_start, dp.epsilon_end,
-                                                         config.rounds) if self.mechanism == "laplace" else [])
-
-    def _solve_sigma(self) -> float:
-        """The smallest σ (bisection, 1e-3 relative) whose ε after all rounds is ≤ the target."""
-        dp, rounds = self.config.dp, self.config.rounds
-
-        def eps(sigma: float) -> float:
-            return client_privacy.gaussian_epsilons([(sigma, self.sample_rate)] * rounds, dp.delta)[-1]
-
-        lo, hi = 0.05, 1.0
-        while eps(hi) > dp.target_epsilon:
-            hi *= 2
-            if hi > 1e4:
-                raise UserError(f"no noise level reaches ε = {dp.target_epsilon} in {rounds} rounds")
-        while hi - lo > 1e-3 * hi:
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if eps(mid) > dp.target_epsilon else (lo, mid)
-        return hi
-
-    def noise_group(self) -> int:
-        """How many clients' distributed noise adds up in one released sum: the round's clients, or one
-        edge's share of them when edges aggregate (each edge's sum must carry σC on its own)."""
-        return max(1, self.config.per_round() // max(1, self.config.hierarchy.edges))
-
-    def instructions(self, round_number: int) -> dict[str, Scalar]:
-        dp = self.config.dp
-        if self.mechanism == "gaussian":
-            std = client_privacy.noise_std(self.sigma, dp.clip, self.noise_group(), dp.placement)
-            return {"mechanism": "gaussian", "clip": dp.clip, "noise_std": std}
-        if self.mechanism == "laplace":
-            eps = self.schedule[round_number - 1]
-            return {"mechanism": "laplace", "clip": dp.clip, "laplace_scale": dp.clip / eps, "epsilon": eps}
-        return {"mechanism": "none"}
-
-    def max_norm(self, dims: int) -> float | None:
-        """The largest L2 norm an honest upload can have (None: no bound)."""
-        if self.mechanism == "gaussian":
-            std = client_privacy.noise_std(self.sigma, self.config.dp.clip, self.noise_group(),
-                                           self.config.dp.placement)
-            return self.config.dp.clip + std * (math.sqrt(dims) + NOISE_NORM_SLACK)
-        return self.config.max_update_norm  # none; Laplace noise has no tight L2 bound worth enforcing
-
-    def record(self, round_number: int, survivors: int) -> float | None:
-        """Add a completed round to the ledger; returns ε spent so far (None without DP)."""
-        if survivors == 0 or self.mechanism == "none":
-            return self.spent()
-        if self.mechanism == "gaussian":
-            edges = max(1, self.config.hierarchy.edges)
-            sigma = client_privacy.effective_noise_multiplier(self.sigma, self.config.dp.placement,
-                                                              self.noise_group(),
-                                                              max(1, min(self.noise_group(), survivors // edges)))
-            self.history.append((sigma, self.sample_rate))
-        else:
-            self.laplace_eps.append(self.schedule[round_number - 1])
-        return self.spent()
-
-    def spent(self) -> float | None:
-        if self.mechanism == "gaussian":
-            return client_privacy.gaussian_epsilons(self.history, self.config.dp.delta)[-1] if self.history else 0.0
-        if self.mechanism == "laplace":
-            return client_privacy.laplace_composed(self.laplace_eps, self.config.dp.delta)["basic"]["epsilon"] \
-                if self.laplace_eps else 0.0
-        return None
-
-    def report(self) -> dict[str, Any]:
-        dp = self.config.dp
-        if self.mechanism == "none":
-            return {"mechanism": "none", "unit": "client", "epsilon": None,
-                    "note": "no differential privacy: uploads are neither clipped nor noised"}
-        base = {"unit": "client (all of one client's data)", "clip": dp.clip, "delta": dp.delta,
-                "rounds": len(self.history) or len(self.laplace_eps), "clients": self.config.clients,
-                "clients_per_round": self.config.per_round(), "sample_rate": self.sample_rate,
-                "placement": dp.placement, "secagg": self.config.secagg.enabled}
-        if self.mechanism == "gaussian":
-            per_round = client_privacy.gaussian_epsilons(self.history, dp.delta) if self.history else []
-            return {**base, "mechanism": "gaussian", "accountant": "opacus RDP",
-                    "noise_multiplier": self.sigma, "effective_noise_multipliers": [h[0] for h in self.history],
-                    "epsilon_per_round": per_round, "epsilon": per_round[-1] if per_round else 0.0,
-                    "sampling": "fixed-size client sampling, accounted as Poisson with q = m/N"}
-        composed = client_privacy.laplace_composed(self.laplace_eps, dp.delta) if self.laplace_eps else \
-            {"basic": {"epsilon": 0.0}, "advanced": {"epsilon": 0.0}}
-        return {**base, "mechanism": "laplace", "schedule": dp.schedule, "sensitivity": "L1 clip",
-                "epsilon_per_round": self.laplace_eps, "epsilon": composed["basic"]["epsilon"],
-                "epsilon_advanced": composed["advanced"]["epsilon"], "delta_advanced": dp.delta,
-                "accountant": "basic composition (pure ε) and heterogeneous advanced composition"}
 
 
 class LoraStrategy(Strategy):
@@ -157,8 +54,9 @@ class LoraStrategy(Strategy):
         self.rank = self._scheduled_rank(1)
         self.round_log: dict[str, Any] = {}
         self.edge: int | None = None  # set by EdgeSecAggWorkflow while it runs one edge's SecAgg+
-        self.edge_means: list[tuple[list[np.ndarray], float, int]] = []
+        self.edge_means: list[tuple[list[np.ndarray], float, int, int]] = []
         self._round_sample: tuple[dict, list[int]] | None = None
+        self._edge_sizes: dict[int, int] = {}  # sampled clients per edge in this round
         self.started = time.perf_counter()
 
     # --- helpers -------------------------------------------------------------------------------------
@@ -188,37 +86,43 @@ class LoraStrategy(Strategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        """This round's sampled clients and what they receive. With secure aggregation inside edges
-        (:class:`EdgeSecAggWorkflow`) it is called once per edge and returns that edge's share of one
-        sample drawn at the round's first call."""
+        """This round's sampled clients and what they receive (possibly nobody: a DP round is a Poisson
+        draw). With secure aggregation inside edges (:class:`EdgeSecAggWorkflow`) it is called once per
+        edge and returns that edge's share of one sample drawn at the round's first call."""
+        edges = self.config.hierarchy.edges
         if self.edge is not None and self.edge > 0 and self._round_sample:
             by_node, chosen = self._round_sample
-            ins = self.fit_ins(server_round)
-            return [(by_node[n], ins) for n in chosen if edge_of(n, by_node, self.config.hierarchy.edges) == self.edge]
+            return self._edge_share(server_round, by_node, chosen, self.edge)
         rank = self._scheduled_rank(server_round)
         if rank != self.rank:
             self.state = self.rule.resize(self.state, rank, seed=self.config.seed + server_round)
             self.rank = rank
-        wanted = self.config.per_round()
-        client_manager.wait_for(min(wanted, self.config.clients), timeout=int(self.config.round_timeout))
-        proxies = client_manager.all()
-        by_node = {p.node_id: p for p in proxies.values()}
-        if len(by_node) < wanted:
-            wanted = len(by_node)
-        chosen = sample_clients(sorted(by_node), wanted, seed=self.config.seed, round_number=server_round)
-        ins = self.fit_ins(server_round)
-        self.round_log = {"round": server_round, "rank": self.rank, "sampled": len(chosen),
-                          "bytes_down_per_client": sum(len(t) for t in ins.parameters.tensors),
+        client_manager.wait_for(min(self.config.per_round(), self.config.clients),
+                                timeout=int(self.config.round_timeout))
+        by_node = {p.node_id: p for p in client_manager.all().values()}
+        chosen = self.privacy.sample(sorted(by_node), server_round)
+        ins = self.fit_ins(server_round, len(chosen))
+        self.round_log = {"round": server_round, "rank": self.rank, "sampled": len(chosen), "accepted": 0,
+                          "failures": 0, "bytes_down_per_client": sum(len(t) for t in ins.parameters.tensors),
                           "round_started": time.perf_counter()}
         if self.edge is not None:
             self._round_sample = (by_node, chosen)
-            return [(by_node[n], ins) for n in chosen if edge_of(n, by_node, self.config.hierarchy.edges) == 0]
+            self._edge_sizes = {e: sum(1 for n in chosen if edge_of(n, by_node, edges) == e) for e in range(edges)}
+            return self._edge_share(server_round, by_node, chosen, 0)
         return [(by_node[n], ins) for n in chosen]
 
-    def fit_ins(self, server_round: int) -> FitIns:
-        """What every client of this round receives: the global state and the round's instructions."""
+    def _edge_share(self, server_round: int, by_node: dict, chosen: list[int],
+                    edge: int) -> list[tuple[ClientProxy, FitIns]]:
+        """The sampled clients of one edge; their distributed noise adds up to σC within the edge."""
+        mine = [n for n in chosen if edge_of(n, by_node, self.config.hierarchy.edges) == edge]
+        ins = self.fit_ins(server_round, len(mine))
+        return [(by_node[n], ins) for n in mine]
+
+    def fit_ins(self, server_round: int, group: int = 1) -> FitIns:
+        """What every client of this round receives: the global state and the round's instructions
+        (``group``: how many sampled clients' noise adds up in the sum they are part of)."""
         instructions: dict[str, Scalar] = {"round": server_round, "rank": self.rank,
-                                           **self.privacy.instructions(server_round)}
+                                           **self.privacy.instructions(server_round, group)}
         return FitIns(ndarrays_to_parameters(self.state), instructions)
 
     def _check(self, upload: list[np.ndarray]) -> str | None:
@@ -253,7 +157,7 @@ class LoraStrategy(Strategy):
             if results:
                 weight = sum(min(r.num_examples, self.config.sample_cap or r.num_examples) for _, r in results)
                 self.edge_means.append((parameters_to_ndarrays(results[0][1].parameters), float(weight),
-                                        len(results)))
+                                        len(results), self.edge))
             return ndarrays_to_parameters(self.state), {"accepted": len(results)}
         if self.config.secagg.enabled:
             accepted = len(results)
@@ -263,20 +167,21 @@ class LoraStrategy(Strategy):
             log.update(accepted=accepted, rejected=[])
         else:
             accepted = self._merge_checked(results, log)
-        log["epsilon"] = self.privacy.record(server_round, accepted)
+        log["epsilon"] = self.privacy.record(server_round, accepted, planned=int(log.get("sampled", accepted)))
         return ndarrays_to_parameters(self.state), {"accepted": accepted}
 
     def merge_edges(self, server_round: int) -> None:
         """The cloud's step after every edge ran SecAgg+: the edges' means weighted by their (capped)
         sample totals. The cloud never sees a client's upload, only one mean per edge."""
         log = self.round_log
-        accepted = sum(n for _, _, n in self.edge_means)
+        accepted = sum(n for _, _, n, _ in self.edge_means)
         if self.edge_means:
-            w = torch.tensor([weight for _, weight, _ in self.edge_means], dtype=torch.float64)
-            means = [m for m, _, _ in self.edge_means]
+            w = torch.tensor([weight for _, weight, _, _ in self.edge_means], dtype=torch.float64)
+            means = [m for m, _, _, _ in self.edge_means]
             self.state = self.rule.apply_mean(self.state, weighted_mean(means, w / w.sum()))
         log.update(accepted=accepted, rejected=[], edges=len(self.edge_means))
-        log["epsilon"] = self.privacy.record(server_round, accepted)
+        groups = [(self._edge_sizes.get(edge, n), n) for _, _, n, edge in self.edge_means]
+        log["epsilon"] = self.privacy.record(server_round, accepted, groups=groups)
         self.edge_means = []
         self._round_sample = None
 
@@ -323,10 +228,17 @@ class LoraStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[float | None, dict]:
         return None, {}
 
+    def close_round(self, server_round: int) -> None:
+        """Make sure the round is in the ledger. A round with nobody sampled (a Poisson draw can be
+        empty) or a SecAgg+ round that halted (fewer than 2 clients) never reaches ``aggregate_fit``:
+        the global state stays as it was, and the round still counts."""
+        self.round_log["epsilon"] = self.privacy.record(server_round, 0)
+
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         accuracy, loss = self._model(self.state).score(self.data.test)
         line = {"round": server_round, "accuracy": accuracy, "loss": loss}
         if server_round > 0:
+            self.close_round(server_round)
             line.update({k: v for k, v in self.round_log.items() if k != "round_started"})
             line["round_seconds"] = time.perf_counter() - self.round_log.get("round_started", self.started)
             line["accuracy"], line["loss"] = accuracy, loss

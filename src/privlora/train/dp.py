@@ -12,40 +12,18 @@ per-sample gradient (Opacus + PEFT has corrupted LoRA updates silently before, o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from privlora.config import DPOptions
 from privlora.errors import UserError
 from privlora.tasks.diffusion import DiffusionTask
 from privlora.train import accounting
+from privlora.train.accounting import DPParameters, resolve
 
-
-@dataclass(frozen=True)
-class DPParameters:
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    delta: float
-    steps: int
-    accountant: str
-
-
-def resolve(options: DPOptions, *, n: int, batch_size: int, steps: int) -> DPParameters:
-    """Fix σ (given, or calibrated to the target ε) and δ for ``n`` samples and ``steps`` steps."""
-    q = min(1.0, batch_size / n)
-    delta = options.delta if options.delta is not None else accounting.default_delta(n)
-    if options.target_epsilon is not None:
-        sigma = accounting.noise_for_epsilon(target_epsilon=options.target_epsilon, sample_rate=q,
-                                             steps=steps, delta=delta, accountant=options.accountant)
-    else:
-        sigma = options.noise_multiplier if options.noise_multiplier is not None else 1.0
-    return DPParameters(noise_multiplier=sigma, max_grad_norm=options.max_grad_norm, sample_rate=q,
-                        delta=delta, steps=steps, accountant=options.accountant)
+__all__ = ["DPParameters", "GradientCanaryHook", "PrivateTraining", "resolve"]  # DPParameters, resolve: accounting
 
 
 class GradientCanaryHook(Protocol):
@@ -154,7 +132,9 @@ class PrivateTraining:
                 "dataset_size": self.n, "steps": self.steps_taken, "delta": p.delta,
                 "accountant": p.accountant, "epsilon": self.epsilon(),
                 "epsilon_rdp": self.epsilon("rdp"), "epsilon_prv": self.epsilon("prv"),
-                "unit": "sample-level (add/remove one training image)"}
+                "sampling": f"poisson, q={p.sample_rate:.6g} (each sample joins a batch independently)",
+                "neighbouring": accounting.SAMPLE_NEIGHBOURS,
+                "unit": "sample-level (add/remove one training sample)"}
 
     def unwrap(self) -> None:
         """Restore the plain denoiser (removes Opacus hooks) before evaluation and saving."""
