@@ -224,6 +224,31 @@ def test_detect_on_a_tiny_real_run(run_on_marked, marked):
     assert len(result["z_adapter"]["values"]) == len(result["z_clean"]["values"]) == 8
     assert result["z_adapter"]["values"] != result["z_clean"]["values"]  # the adapter changes the generations
     assert result["image_size"] == [32, 32] and result["band"] == [8, 32]
+    # 3 steps cannot teach the mark (300 steps find it in 3 of 128 generations, README): the detector stays silent
+    assert result["detected"] == 0 and result["fpr_clean"] == 0.0
+
+
+def test_detector_fires_on_canaried_generations_and_not_on_clean_ones(run_on_marked, marked):
+    """The detector of `canary detect` on the run's real generations: each one marked afterwards (what a model
+    that reproduces the canary would emit) is detected, the same generations unmarked — or marked with another
+    key — are not; a detector that never (or always) fires fails here."""
+    from privlora.audit.canary import _generate, _load_run, decide, read_manifest
+
+    _, out, _ = marked
+    band = Band(*read_manifest(out / "canary.json")["band"])
+    _, task = _load_run(run_on_marked, "cpu")
+    gray = _generate(task, 16, seed=0, steps=4, prompts=None, batch_size=16)
+    other = _generate(task, 16, seed=1, steps=4, prompts=None, batch_size=16)
+    as_png = np.clip(np.rint(gray), 0, 255).astype(np.uint8)  # what a saved generation holds
+    canaried = np.stack([embed_canary(g, KEY, band=band) for g in as_png]).astype(float)
+    forged = np.stack([embed_canary(g, KEY + 1, band=band) for g in as_png]).astype(float)
+    z_clean = canary_z(gray, KEY, band=band)
+    fires = decide(canary_z(canaried, KEY, band=band), z_clean, fpr=0.01, band=band)
+    assert fires["detection_rate"] >= 0.9 and fires["fpr_clean"] == 0.0, fires
+    assert fires["p_value_binomial"] < 1e-6 and fires["paired"]["p_value"] < 1e-3
+    for z in (canary_z(other, KEY, band=band), canary_z(forged, KEY, band=band)):
+        silent = decide(z, z_clean, fpr=0.01, band=band)
+        assert silent["detected"] <= 1 and silent["p_value_binomial"] > 0.01, silent
 
 
 def test_detect_bad_input(run_on_marked, marked, tmp_path):

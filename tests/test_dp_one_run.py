@@ -167,6 +167,15 @@ def test_dp_canary_audit_writes_a_bound_below_the_accountant(dp_audited: tuple[P
     # the claim under test is the canary run's own ε: its n is members + included canaries
     assert privacy["dataset_size"] == result["training_samples"] == 8 + result["included"]
     assert result["accountant_epsilon"] == privacy["epsilon"] and result["delta"] == privacy["delta"]
+    # the claim is the accountant's ε of the mechanism that ran (its σ, q = batch / n incl. canaries, steps)
+    from privlora.train import accounting
+
+    assert privacy["sample_rate"] == pytest.approx(min(1.0, 16 / privacy["dataset_size"]))
+    assert privacy["epsilon"] == pytest.approx(accounting.epsilon(
+        noise_multiplier=privacy["noise_multiplier"], sample_rate=privacy["sample_rate"], steps=privacy["steps"],
+        delta=privacy["delta"], accountant=privacy["accountant"]))
+    # bound ≤ ε cannot fail here (9 canaries prove at most ≈ 0.9 < 8): the check with power is
+    # test_dp_claim_survives_an_audit_that_could_refute_it
     assert 0 <= result["epsilon_lower_bound"] <= result["accountant_epsilon"]
     assert "violation" not in result
     canaries = result["canaries"]
@@ -180,6 +189,42 @@ def test_dp_canary_audit_writes_a_bound_below_the_accountant(dp_audited: tuple[P
     assert result["epsilon_lower_bound"] == pytest.approx(one_run.audit_bound(
         np.array([c["score"] for c in canaries]), np.array([c["included"] for c in canaries]),
         delta=result["delta"])["epsilon_lower_bound"])
+
+
+@pytest.fixture(scope="module")
+def tight_dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 3-step recipe with a claim small enough to be checked: ε = 1 at δ = 1e-5."""
+    from privlora.config import load_config
+    from privlora.train.loop import train
+
+    out = tmp_path_factory.mktemp("dp-tight") / "dp"
+    train(load_config(CONFIGS / "demo-dp.yaml", {**QUICK, "out": str(out), "dp.target_epsilon": 1.0,
+                                                 "dp.delta": 1e-5}))
+    return out
+
+
+def test_dp_claim_survives_an_audit_that_could_refute_it(tight_dp_run: Path) -> None:
+    """The bound ≤ ε check with the power to fail. 9 image canaries can prove at most ≈ 0.9 — far below the
+    ε = 8 above, and at demo scale even a noiseless run lets image canaries prove nothing (measured: 32
+    canaries, noise removed, 30 steps: bound 0.03, AUC 0.70) — so the claim is checked with 2000 white-box
+    gradient canaries through the same CLI: a leak they see perfectly would prove more than the claimed ε
+    (asserted below), so DP-SGD that lost its noise or an accountant that under-reports ε fails here
+    (measured with the noise zeroed: bound ≫ ε, a violation)."""
+    proc = run_cli("audit", "--run", str(tight_dp_run), "--dp-canaries", "2000", "--dp-canary-kind", "gradient",
+                   "--seed", "1", "-q", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tight_dp_run / "audit" / "dp_gradient_canaries.json").read_text())
+    privacy = json.loads((tight_dp_run / "privacy.json").read_text())
+    from privlora.train import accounting
+
+    eps = accounting.epsilon(noise_multiplier=privacy["noise_multiplier"], sample_rate=privacy["sample_rate"],
+                             steps=privacy["steps"], delta=result["delta"])
+    assert result["accountant_epsilon"] == pytest.approx(eps) and result["delta"] <= privacy["delta"]
+    included = np.array([c["included"] for c in result["canaries"]])
+    perfect = one_run.audit_bound(included.astype(float), included, delta=result["delta"])["epsilon_lower_bound"]
+    assert perfect > 1.5 * result["accountant_epsilon"], (perfect, result["accountant_epsilon"])  # the power
+    assert 0 <= result["epsilon_lower_bound"] <= result["accountant_epsilon"], result["epsilon_lower_bound"]
+    assert "violation" not in result and "WARNING" not in proc.stdout
 
 
 def test_dp_canary_audit_reuses_its_run_and_refuses_a_foreign_one(dp_audited: tuple[Path, dict]) -> None:

@@ -285,6 +285,48 @@ def test_bad_options_are_user_errors(tmp_path, kwargs, needle):
         build_manifest(TeeOptions(config=DEMO, **kwargs))
 
 
+def _fake_dist(site: Path, name: str, files: dict[str, str], requires: tuple[str, ...] = ()) -> None:
+    """A wheel-style install into ``site``: the files, METADATA (Requires-Dist) and RECORD."""
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: " + name + "\nVersion: 1.0\n"
+                                   + "".join(f"Requires-Dist: {r}\n" for r in requires))
+    (info / "RECORD").write_text("".join(f"{rel},,\n" for rel in [*files, f"{info.name}/METADATA",
+                                                                   f"{info.name}/RECORD"]))
+
+
+def test_trusted_files_follow_what_training_imports_not_only_metadata(tmp_path, monkeypatch):
+    """Metadata misses undeclared imports (transformers imports psutil without declaring it): here `app`
+    imports `helper` from a distribution it does not declare and `bare`, a module no metadata owns. Both are
+    trusted because the import probe saw them load; the undeclared distribution comes whole (its other
+    module and its dist-info), and an installed package nothing imports stays out."""
+    from privlora.tee import trusted
+
+    site = tmp_path / "site"
+    _fake_dist(site, "appdist", {"app/__init__.py": "import helper\nimport bare\n"}, requires=("otherdist",))
+    _fake_dist(site, "helperdist", {"helper/__init__.py": "", "helper_extra/__init__.py": ""})
+    _fake_dist(site, "otherdist", {"other/__init__.py": ""})
+    _fake_dist(site, "unuseddist", {"unused/__init__.py": ""})
+    (site / "bare.py").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    assert "helperdist" not in [d.metadata["Name"] for d in trusted.distribution_closure(["appdist"])]
+    _, entries, sites = trusted.python_environment(("appdist",), ("app",))
+    inside = {p.relative_to(site).as_posix() for p in entries if p.is_relative_to(site)}
+    assert {"app", "helper", "bare.py", "helper_extra", "helperdist-1.0.dist-info", "other"} <= inside, inside
+    assert "unused" not in inside and site.resolve() in sites
+    # and the real training imports: psutil is trusted even when no root distribution requires it
+    _, real, _ = trusted.python_environment(("torch",))
+    import psutil
+    import transformers
+
+    for module in (psutil, transformers):
+        assert Path(module.__file__).resolve().parent in real, module.__name__
+
+
 def test_cli_errors_are_one_line_and_leave_the_old_manifest(tmp_path):
     good = tmp_path / "keep.manifest"
     good.write_text("old")

@@ -9,12 +9,19 @@ late point of training, not an import error at startup.
 
 The distribution set is computed from installed metadata (``Requires-Dist``, markers evaluated, extras not
 followed), starting from :data:`TRAIN_DISTRIBUTIONS` — not from privlora's whole dependency list, which also
-pulls Flower/Ray, spaCy and the registry server that a training run never imports.
+pulls Flower/Ray, spaCy and the registry server that a training run never imports — and joined with what
+training really imports: :func:`imported_tops` imports :data:`TRAIN_MODULES` in a fresh interpreter and
+reads back every module file and mapped shared library. Metadata alone is not enough: transformers imports
+psutil without declaring it (it was trusted only because accelerate happens to require it), and any such
+undeclared import is a file the strict policy would refuse inside the enclave.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
 import sys
 import sysconfig
 from collections.abc import Iterable
@@ -27,6 +34,26 @@ from privlora.errors import UserError
 #: distributions ``privlora train`` imports on every path (CLI, config, Task, loop, DP, utility metrics)
 TRAIN_DISTRIBUTIONS = ("torch", "numpy", "diffusers", "transformers", "peft", "opacus", "accelerate",
                        "safetensors", "pydantic", "pyyaml", "typer", "rich", "pillow", "scipy")
+
+#: privlora modules whose imports are the training run's: the CLI, the loop and everything it loads lazily
+#: (tasks of every base, DP, objectives, utility metrics, checkpoints, built-in data)
+TRAIN_MODULES = ("privlora.cli", "privlora.train.loop", "privlora.train.dp", "privlora.train.objectives",
+                 "privlora.train.data", "privlora.train.utility", "privlora.train.text_utility",
+                 "privlora.train.checkpoint", "privlora.train.accounting", "privlora.tasks.loading",
+                 "privlora.tasks.unet", "privlora.tasks.sd", "privlora.tasks.text", "privlora.tasks.embedded",
+                 "privlora.data.demo", "privlora.data.folder", "privlora.data.text", "privlora.data.splits")
+
+#: run in a fresh interpreter by :func:`imported_files`: import the modules named in argv, print as JSON every
+#: module file and every file mapped into the process (extension modules' shared libraries and theirs)
+_IMPORT_PROBE = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+files = {getattr(m, '__file__', None) for m in list(sys.modules.values())}
+with open('/proc/self/maps') as maps:
+    files |= {p[5].strip() for p in (line.split(None, 5) for line in maps) if len(p) == 6 and p[5].startswith('/')}
+print(json.dumps(sorted(f for f in files if f)))
+"""
 
 #: standard-library folders a training run never needs (tests, IDLE, Tk, static libpython for embedding)
 STDLIB_SKIP = ("site-packages", "dist-packages", "test", "idlelib", "turtledemo", "tkinter", "ensurepip",
@@ -174,9 +201,60 @@ def site_entries(dists: Iterable[metadata.Distribution]) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=8)
-def python_environment(roots: tuple[str, ...]) -> tuple[Interpreter, tuple[Path, ...], tuple[Path, ...]]:
-    """(interpreter, site-packages entries, site-packages folders) for the distributions ``roots`` need;
-    cached per process (reading ~300 RECORD files is the slow part of building a manifest)."""
-    dists = distribution_closure(roots)
-    sites = tuple(sorted({_site_dir(d) for d in dists}))
-    return interpreter(), tuple(site_entries(dists)), sites
+def imported_files(modules: tuple[str, ...]) -> tuple[Path, ...]:
+    """Every file a fresh interpreter holds after importing ``modules``: module sources and the shared
+    libraries mapped into it. Run offline and single-threaded, as in the enclave; a module that fails to
+    import is a user error (training would fail the same way). Cached per process: it takes seconds."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, *modules], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"cannot import what `privlora train` imports in {sys.prefix} ({last}); install "
+                        "privlora's dependencies there (pip install -e .) before generating the manifest")
+    return tuple(Path(f) for f in json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def imported_tops(files: Iterable[Path], sites: Iterable[Path]) -> set[Path]:
+    """The site-packages top-level entries (``psutil/``, ``typing_extensions.py``) that hold ``files``."""
+    roots = [s.resolve() for s in sites]
+    tops = set()
+    for file in files:
+        real = Path(os.path.abspath(file))
+        for candidate in dict.fromkeys((real, real.resolve())):
+            site = next((s for s in roots if candidate.is_relative_to(s) and candidate != s), None)
+            if site is not None:
+                tops.add(site / candidate.relative_to(site).parts[0])
+    return tops
+
+
+def _owners(tops: set[Path]) -> list[str]:
+    """Names of the installed distributions whose RECORD lists one of ``tops``."""
+    names = []
+    for dist in metadata.distributions():
+        site = _site_dir(dist)
+        if any((site / top) in tops for top in _record_tops(dist)):
+            names.append(dist.metadata["Name"])
+    return names
+
+
+def _site_dirs() -> list[Path]:
+    """This interpreter's site-packages folders (purelib, platlib)."""
+    paths = sysconfig.get_paths()
+    return [Path(paths[k]).resolve() for k in ("purelib", "platlib") if Path(paths[k]).is_dir()]
+
+
+@functools.lru_cache(maxsize=8)
+def python_environment(roots: tuple[str, ...], modules: tuple[str, ...] = TRAIN_MODULES
+                       ) -> tuple[Interpreter, tuple[Path, ...], tuple[Path, ...]]:
+    """(interpreter, site-packages entries, site-packages folders) for the distributions ``roots`` need and
+    those that importing ``modules`` really loads (with what they require, and any imported top-level entry
+    no installed metadata owns); cached per process (the import probe and reading ~300 RECORD files are the
+    slow part of building a manifest)."""
+    sites = {*_site_dirs(), *(_site_dir(d) for d in distribution_closure(roots))}
+    tops = imported_tops(imported_files(modules), sites) if modules else set()
+    dists = distribution_closure((*roots, *_owners(tops)))
+    sites |= {_site_dir(d) for d in dists}
+    entries = {*site_entries(dists), *(t for t in tops if t.exists())}
+    return interpreter(), tuple(sorted(entries)), tuple(sorted(sites))
