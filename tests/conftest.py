@@ -31,6 +31,17 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
+def invoke_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The same ``privlora`` app in-process (Typer's CliRunner): no interpreter start or torch import per call,
+    exit code and stdout/stderr as :func:`run_cli` gives them."""
+    from typer.testing import CliRunner
+
+    from privlora.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
     """Bad input as the user must see it: exit 2, one ``error:`` line on stderr, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)

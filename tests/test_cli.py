@@ -111,18 +111,42 @@ def test_generate_from_missing_run(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_train(tmp_path_factory) -> tuple[Path, str]:
+    """A 3-step plain run through the CLI: (run directory, what it printed)."""
     out = tmp_path_factory.mktemp("cli") / "run"
     proc = run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--max-steps", "3",
                    "--batch-size", "4", "--out", str(out), *FAST)
     assert proc.returncode == 0, proc.stderr
-    return out
+    return out, proc.stdout
 
 
-def test_smoke_train_prints_privacy_and_utility(tiny_run):
+@pytest.fixture(scope="module")
+def tiny_run(tiny_train) -> Path:
+    return tiny_train[0]
+
+
+def test_smoke_train_prints_privacy_and_utility(tiny_train):
+    """The summary a user reads is the run's own files: mode and steps, the privacy mechanism, and the
+    held-out/member losses of utility.json (adapter and base), which are finite and not all equal."""
+    import json
+
+    run, stdout = tiny_train
     for name in ("config.yaml", "splits.json", "metrics.jsonl", "privacy.json", "utility.json",
                  "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
-        assert (tiny_run / name).is_file(), name
+        assert (run / name).is_file(), name
+    privacy = json.loads((run / "privacy.json").read_text())
+    utility = json.loads((run / "utility.json").read_text())
+    lines = stdout.splitlines()
+    assert lines[0].startswith("plain: 3 steps in ") and lines[0].endswith(f"→ {run}"), lines
+    assert privacy["mode"] == "plain" and privacy.get("epsilon") is None
+    assert lines[1] == f"  privacy: {privacy['mechanism']}", lines
+    keys = ("loss_heldout", "base_loss_heldout", "loss_members", "base_loss_members")
+    values = [utility[k] for k in keys]
+    assert all(isinstance(v, float) and np.isfinite(v) and v > 0 for v in values), utility
+    assert values[0] != values[1]  # the adapter changed the held-out loss: the figures are not the base's twice
+    assert lines[2] == ("  held-out denoising loss {:.4f} (base {:.4f}), members {:.4f} (base {:.4f})"
+                        .format(*values)), lines
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 1
 
 
 def _digest(path: Path) -> str:

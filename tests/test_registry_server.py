@@ -394,6 +394,10 @@ def test_run_files_travel_with_the_adapter_and_are_read_by_role(reg):
     ({"train.py": "import os"}, "unknown run file"),
     ({"config.yaml": "a: [unclosed"}, "not valid YAML"),
     ({"config.yaml": "name: r\n"}, "no data section"),
+    # a hostile push: nine levels of nine aliases (387 M nodes expanded), and nesting past Python's stack
+    ({"config.yaml": "data: {source: x}\nl0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"l{i}: &l{i} [{', '.join(9 * [f'*l{i - 1}'])}]\n" for i in range(1, 9))}, "aliases too deeply"),
+    ({"config.yaml": "data: " + "[" * 20_000 + "]" * 20_000}, "nests or aliases too deeply"),
     ({"splits.json": '{"members": 3}'}, "no members list"),
     ({"splits.json": 3}, "file names to their text"),
 ])

@@ -24,7 +24,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _one_line_errors(fn: F) -> F:
-    """Print a :class:`UserError` as one line on stderr and exit with its code (2; 130 on Ctrl-C)."""
+    """Print a :class:`UserError` as one line on stderr and exit with its code (2; 130 on Ctrl-C); a failed
+    file operation (full or read-only disk, no permission: :func:`privlora.errors.file_error`) likewise."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -33,6 +34,14 @@ def _one_line_errors(fn: F) -> F:
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(code=e.exit_code) from None
+        except Exception as e:  # noqa: BLE001 - only file failures are handled, the rest re-raised
+            from privlora.errors import file_error
+
+            failure = file_error(e)
+            if failure is None:
+                raise
+            typer.echo(f"error: {failure}", err=True)
+            raise typer.Exit(code=failure.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(code=130) from None
@@ -199,7 +208,9 @@ def train(
     privacy = (f"ε={eps:.3g} (δ={result.privacy['delta']:.2g})" if isinstance(eps, float)
                else result.privacy["mechanism"])
     u = result.utility
-    typer.echo(f"{result.mode}: {result.steps} steps in {result.seconds:.0f}s → {result.run_dir}")
+    ran = (f"ran {result.steps_run} steps (resumed at step {result.resumed_at}, {result.steps} in total)"
+           if result.resumed_at is not None else f"{result.steps} steps")
+    typer.echo(f"{result.mode}: {ran} in {result.seconds:.0f}s → {result.run_dir}")
     typer.echo(f"  privacy: {privacy}")
     def loss(key: str) -> str:
         return "n/a" if u.get(key) is None else f"{u[key]:.4f}"
@@ -695,12 +706,16 @@ def registry_init(
     admin: str = typer.Option(..., help="Name of the first admin (manages users only, reads no data)."),
     db: str = typer.Option(None, help="SQLAlchemy URL instead of root/registry.db (e.g. "
                            "postgresql+psycopg://user@host/db); give `serve` the same."),
+    log_key: Path = typer.Option(None, "--log-key", envvar="PRIVLORA_REGISTRY_LOG_KEY", show_envvar=False,
+                                 help="Ed25519 key signing the log's checkpoints (created 0600 if absent; default "
+                                 "root/log-signing.key). Keep it off the database host; give `serve` the same."),
+    token_days: float = typer.Option(30.0, "--token-days", help="Lifetime of the admin's token (days)."),
 ) -> None:
     """Create a registry and its first admin; prints the admin's token once (stored hashed)."""
     from privlora.registry.service import Refused, Registry
 
     try:
-        token = Registry(root, url=db).bootstrap_admin(admin)
+        token = Registry(root, url=db, log_key=log_key, token_days=token_days).bootstrap_admin(admin)
     except Refused as e:
         raise UserError(e.message) from None
     typer.echo(token)
@@ -719,8 +734,13 @@ def registry_serve(
     max_auc: float = typer.Option(None, "--max-auc", help="Export policy, optional: largest attack AUC itself."),
     max_epsilon: float = typer.Option(10.0, "--max-epsilon", help="Export policy: largest ε in privacy.json."),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body (MiB); larger get 413."),
+    log_key: Path = typer.Option(None, "--log-key", envvar="PRIVLORA_REGISTRY_LOG_KEY", show_envvar=False,
+                                 help="Ed25519 key signing the log's checkpoints (default root/log-signing.key)."),
+    token_days: float = typer.Option(30.0, "--token-days", help="Default lifetime of new tokens (days)."),
+    audit_attacks: str = typer.Option("loss", "--audit-attacks", help="Attacks of the registry's own audit of an "
+                                      "adapter before its first export ('' = only auditors' audits count)."),
 ) -> None:
-    """Serve the registry; every call but /health needs a token."""
+    """Serve the registry; every call but /health and /openapi.json needs a token."""
     import socket
 
     import uvicorn
@@ -735,7 +755,8 @@ def registry_serve(
             probe.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
-    registry = Registry(root, url=db, policy=ExportPolicy(max_auc_gain, max_auc, max_epsilon))
+    registry = Registry(root, url=db, policy=ExportPolicy(max_auc_gain, max_auc, max_epsilon), log_key=log_key,
+                        token_days=token_days, audit_attacks=_names(audit_attacks) if audit_attacks else ())
     typer.echo(f"registry on http://{host}:{port} ({root})", err=True)
     uvicorn.run(create_app(registry, max_body=int(max_body_mb * 2**20)), host=host, port=port, log_level="warning",
                 access_log=False)
@@ -810,18 +831,43 @@ def registry_approve(export_id: int, url: str = REG_URL, token: str = REG_TOKEN)
     typer.echo(f"export {result['export']} approved by {result['approver']}")
 
 
-@registry_app.command("users")
+users_app = typer.Typer(help="Users (admins only): list, add (`--add NAME`), `revoke NAME`.")
+registry_app.add_typer(users_app, name="users")
+
+
+@users_app.callback(invoke_without_command=True)
 @_one_line_errors
-def registry_users(add: str = typer.Option(None, help="Add a user with this name (admin); prints its token."),
+def registry_users(ctx: typer.Context,
+                   add: str = typer.Option(None, help="Add a user with this name (admin); prints its token."),
                    role: str = typer.Option("researcher", help="researcher | engineer | auditor | admin."),
+                   expires_days: float = typer.Option(None, "--expires-days", help="Lifetime of the new token in "
+                                                      "days (default: the server's --token-days)."),
                    url: str = REG_URL, token: str = REG_TOKEN) -> None:
     """List users, or add one (admins only)."""
+    import datetime
+
+    if ctx.invoked_subcommand is not None:
+        return
     client = _registry(url, token)
     if add:
-        typer.echo(client.post("/users", {"name": add, "role": role})["token"])
+        body: dict[str, Any] = {"name": add, "role": role}
+        if expires_days is not None:
+            body["expires_days"] = expires_days
+        typer.echo(client.post("/users", body)["token"])
     else:
         for u in client.get("/users"):
-            typer.echo(f"{u['name']:<16} {u['role']}")
+            state = "revoked" if u.get("revoked") else "expires " + (datetime.datetime.fromtimestamp(
+                u["expires"], tz=datetime.UTC).strftime("%Y-%m-%d") if u.get("expires") else "(legacy token)")
+            typer.echo(f"{u['name']:<16} {u['role']:<11} {state}")
+
+
+@users_app.command("revoke")
+@_one_line_errors
+def registry_users_revoke(name: str = typer.Argument(..., help="User whose token stops working now."),
+                          url: str = REG_URL, token: str = REG_TOKEN) -> None:
+    """Revoke a user's token (admins only): every later call with it is refused (401)."""
+    _registry(url, token).post(f"/users/{name}/revoke")
+    typer.echo(f"revoked {name}'s token")
 
 
 @registry_app.command("log")
@@ -840,11 +886,15 @@ def registry_log(url: str = REG_URL, token: str = REG_TOKEN) -> None:
 def registry_verify_log(expect_head: str = typer.Option(None, "--expect-head", help="A head printed earlier and "
                                                       "published elsewhere: it must still be in the log."),
                         url: str = REG_URL, token: str = REG_TOKEN) -> None:
-    """Recompute the hash chain; exit 1 if any entry was edited, removed or moved (or, with --expect-head,
-    if the published head is gone: entries cut off or the log rewritten). Publish the printed head."""
+    """Recompute the hash chain and check the latest signed checkpoint; exit 1 if any entry was edited, removed
+    or moved, entries were cut off or the log rewritten (the signed head is gone), or, with --expect-head, the
+    published head is no entry of the log. Publish the printed head."""
     result = _registry(url, token).get("/log/verify", params={"expect_head": expect_head} if expect_head else None)
     if result["intact"]:
-        typer.echo(f"log intact; head {result['head']}" + (" (published head found)" if expect_head else ""))
+        signed = result.get("checkpoint")
+        typer.echo(f"log intact; head {result['head']}"
+                   + (f"; signed checkpoint at entry {signed['count']} verified" if signed else "")
+                   + (" (published head found)" if expect_head else ""))
         return
     for p in result["problems"]:
         typer.echo(f"entry {p['seq']}: {p['message']}", err=True)

@@ -96,6 +96,9 @@ class TrainConfig(Strict):
     trust_pickle: bool = False
     prompt: str | None = None  # default caption for the SD path when an image has none
     checkpoint_every: int = Field(100, ge=1)
+    #: also checkpoint when this many minutes passed since the last one (0: steps only), so a run killed
+    #: before its first ``checkpoint_every`` step still has something to resume
+    checkpoint_minutes: float = Field(5.0, ge=0)
     log_every: int = Field(10, ge=1)
     resume: bool = False
     quiet: bool = False
@@ -175,7 +178,8 @@ class SecAggOptions(Strict):
     num_shares: float = Field(1.0, gt=0)  # fraction of clients (or count ≥ 3) each secret is shared with
     reconstruction_threshold: float = Field(0.67, gt=0)  # shares needed to unmask a dropped client
     # every uploaded value must lie in ±this (Flower: 8); LoRA round deltas are ≪ 1, and a smaller range
-    # quantises them 8× finer (relative error ~1e-4 instead of ~1e-3, measured)
+    # quantises them 8× finer (relative error ~1e-4 instead of ~1e-3, measured); under Gaussian DP the
+    # server widens it to clip·(1 + 10σ) so no noisy value is clipped (federated/secagg.py)
     clipping_range: float = Field(1.0, gt=0)
     quantization_range: int = Field(2**22, ge=2)
     timeout: float | None = Field(600.0, gt=0)
@@ -312,13 +316,85 @@ class SplitConfig(Strict):
     optim: SplitOptimOptions = SplitOptimOptions()
 
 
+#: most nodes that YAML aliases (and ``<<`` merges) may add to a document once expanded. A config has a few
+#: hundred nodes; nine levels of nine aliases ("billion laughs") would add 387 million, which the parser
+#: holds as shared references but validation and error messages expand — gigabytes before any check.
+MAX_ALIAS_NODES = 10_000
+#: the longest value an error message quotes (a 10 MB string in a wrong field must not become a 10 MB line)
+MAX_QUOTE = 200
+#: the most validation problems one error line lists
+MAX_PROBLEMS = 5
+
+
+def clip(text: str, limit: int = MAX_QUOTE) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis and the full length when it was longer."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def quote(value: Any, limit: int = MAX_QUOTE) -> str:
+    """``repr(value)`` for an error message, cut by :func:`clip`."""
+    return clip(repr(value), limit)
+
+
+class AliasBomb(yaml.YAMLError):
+    """A document whose aliases expand too far (or into themselves)."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node, limit: int = MAX_ALIAS_NODES) -> None:
+    """Refuse a composed document whose aliases add more than ``limit`` nodes once expanded, or refer to
+    a node that contains them. The walk visits each distinct node once (sizes memoised), so it costs
+    what the file holds, not what it would expand to."""
+    size: dict[int, int] = {}
+    open_: set[int] = set()  # nodes on the current path: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[key] - len(size) > limit:
+                raise AliasBomb(f"its aliases expand to more than {limit:,} extra nodes (an alias bomb?)")
+            continue
+        if key in size:
+            continue
+        if key in open_:
+            raise AliasBomb("an alias refers to a node that contains it (a recursive document)")
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in size)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that checks alias expansion after composing, before any object is built."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+
+def safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with a bound on alias expansion; raises ``yaml.YAMLError`` (alias bombs included)
+    or RecursionError (absurdly deep nesting)."""
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     *parents, leaf = dotted.split(".")
     for key in parents:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise UserError(f"cannot set {dotted!r}: {key!r} is not a section")
+            raise UserError(f"cannot set {quote(dotted)}: {quote(key)} is not a section")
         node = child
     node[leaf] = value
 
@@ -326,33 +402,42 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_assignment(text: str) -> tuple[str, Any]:
     """``optim.lr=1e-4`` → ``("optim.lr", 1e-4)``; the value is read as YAML (numbers, lists, null)."""
     if "=" not in text:
-        raise UserError(f"--set expects KEY=VALUE (e.g. optim.lr=1e-4), got {text!r}")
+        raise UserError(f"--set expects KEY=VALUE (e.g. optim.lr=1e-4), got {quote(text)}")
     key, raw = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return key.strip(), safe_yaml(raw)
+    except AliasBomb as e:
+        raise UserError(f"--set {quote(key.strip())}: {e}") from None
+    except (yaml.YAMLError, RecursionError):
         return key.strip(), raw
 
 
 def _describe(err: ValidationError) -> str:
     parts = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_PROBLEMS]:
         where = ".".join(str(p) for p in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown config key {where!r}")
+            parts.append(f"unknown config key {quote(where)}")
         else:
-            parts.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+            parts.append(f"{clip(where)}: {clip(e['msg'])} (got {quote(e.get('input'))})")
+    if len(errors) > MAX_PROBLEMS:
+        parts.append(f"and {len(errors) - MAX_PROBLEMS} more")
     return "; ".join(parts)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping, with one-line errors for a missing or malformed file."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = safe_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except AliasBomb as e:
+        raise UserError(f"config file {path} is refused: {e}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} is nested too deeply to be a config") from None
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML: {clip(str(e).splitlines()[0])}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

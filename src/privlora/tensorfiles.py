@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 MAX_HEADER = 64 * 1024 * 1024  # the format allows 100 MB; real adapter headers are a few KB
 
@@ -49,3 +51,17 @@ def read_header(data: bytes, *, max_header: int = MAX_HEADER) -> dict[str, dict]
                 or not isinstance(info.get("shape"), list) or not all(isinstance(d, int) for d in info["shape"]):
             raise HeaderError(f"not safetensors (malformed entry for {name!r})")
     return header
+
+
+def first_nonfinite(tensors: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or ±inf, else None.
+
+    Every place that loads an adapter asks this (``tasks.lora.read_lora``, the registry's upload check): a
+    non-finite LoRA weight makes every output NaN while the file looks like any other adapter.
+    """
+    import torch
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None

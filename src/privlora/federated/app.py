@@ -131,26 +131,28 @@ class EdgeSecAggWorkflow:
         strategy.merge_edges(current_round)
 
 
-def fit_workflow(config: FederatedConfig) -> Any:
+def fit_workflow(config: FederatedConfig, clipping_range: float | None = None) -> Any:
+    """The round's fit step; ``clipping_range``: SecAgg+'s value range (the plan's, widened under DP)."""
     if config.secagg.enabled and config.hierarchy.edges:
-        return EdgeSecAggWorkflow(config, _secagg_workflow(config))
+        return EdgeSecAggWorkflow(config, _secagg_workflow(config, clipping_range))
     if config.secagg.enabled:
-        return _secagg_workflow(config)
+        return _secagg_workflow(config, clipping_range)
     return TimedFitWorkflow(config.round_timeout)
 
 
-def _secagg_workflow(config: FederatedConfig) -> Any:
-    from privlora.federated.data import federated_data
+def _secagg_workflow(config: FederatedConfig, clipping_range: float | None = None) -> Any:
+    from privlora.federated import secagg
 
     s = config.secagg
-    # SecAgg+ scales each upload by samples / max_weight before quantising it over ±clipping_range:
-    # max_weight far above the real counts would quantise the updates to nothing
-    max_weight = config.sample_cap or max(len(p) for p in federated_data(config).parts)
+    # SecAgg+ scales each upload by samples / max_weight before quantising it over ±clipping_range;
+    # clients undo that scaling on their distributed noise with the same max_weight (federated/secagg.py)
+    max_weight = secagg.max_weight(config)
     shares: int | float = int(s.num_shares) if s.num_shares >= 3 else float(min(s.num_shares, 1.0))
     threshold: int | float = int(s.reconstruction_threshold) if s.reconstruction_threshold > 1 \
         else float(s.reconstruction_threshold)
     return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold,
-                              max_weight=float(max_weight), clipping_range=s.clipping_range,
+                              max_weight=max_weight,
+                              clipping_range=s.clipping_range if clipping_range is None else clipping_range,
                               quantization_range=s.quantization_range, timeout=s.timeout)
 
 
@@ -165,7 +167,7 @@ def run_server(grid: Grid, context: Context, config: FederatedConfig, workdir: P
 
         run_buffered(grid, legacy, strategy, config)
     else:
-        DefaultWorkflow(fit_workflow=fit_workflow(config))(grid, legacy)
+        DefaultWorkflow(fit_workflow=fit_workflow(config, strategy.privacy.secagg_clipping_range()))(grid, legacy)
 
 
 def server_app_for(config: FederatedConfig, workdir: Path) -> ServerApp:

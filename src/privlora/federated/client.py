@@ -8,6 +8,7 @@ and a few scalar metrics leaves the client.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from functools import lru_cache
@@ -19,7 +20,7 @@ from flwr.client import NumPyClient
 
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
-from privlora.federated import client_privacy
+from privlora.federated import client_privacy, secagg
 from privlora.federated.compression import get_codec, wire_bytes
 from privlora.federated.data import federated_data
 from privlora.federated.rules import FLoRA, get_rule
@@ -70,13 +71,24 @@ def local_train(task: Any, data: Any, config: FederatedConfig, seed: int) -> flo
     return float(np.mean(losses))
 
 
-def privatize(upload: list[np.ndarray], instructions: dict[str, Any]) -> tuple[list[np.ndarray], float]:
-    """Clip and noise one upload as the server's round instructions say; returns it and its raw norm."""
+def privatize(upload: list[np.ndarray], instructions: dict[str, Any],
+              weight: float = 1.0) -> tuple[list[np.ndarray], float]:
+    """Clip and noise one upload as the server's round instructions say; returns it and its raw norm.
+
+    ``weight``: the factor secure aggregation will multiply this upload by (:func:`secagg.upload_factor`).
+    Distributed noise is divided by it, so that after the multiplication this client's noise still has
+    the std the server asked for and the secure sum carries σC (see :mod:`privlora.federated.secagg`).
+    Local noise is not: each upload is private on its own, and the weighting is post-processing."""
     mechanism = str(instructions.get("mechanism", "none"))
     rng = np.random.default_rng(secrets.randbits(128))
     if mechanism == "gaussian":
         clipped, norm = client_privacy.clip_l2(upload, float(instructions["clip"]))
-        return client_privacy.add_gaussian(clipped, float(instructions["noise_std"]), rng), norm
+        std = float(instructions["noise_std"])
+        if instructions.get("placement") == "distributed":
+            if not (math.isfinite(weight) and weight > 0):
+                raise UserError(f"the secure-aggregation weight must be a positive number, got {weight}")
+            std /= weight
+        return client_privacy.add_gaussian(clipped, std, rng), norm
     if mechanism == "laplace":
         clipped, norm = client_privacy.clip_l1(upload, float(instructions["clip"]))
         return client_privacy.add_laplace(clipped, float(instructions["laplace_scale"]), rng), norm
@@ -109,14 +121,16 @@ class LoraClient(NumPyClient):
         else:
             held = rule.load(task.model, parameters)
         loss = local_train(task, local, cfg, seed)
-        upload, norm = privatize(rule.upload(task.model, held), config)
+        # the server caps counts anyway; under SecAgg+ it cannot see them, so the honest client caps its own
+        samples = min(len(local), int(cfg.sample_cap)) if cfg.sample_cap else len(local)
+        weight = secagg.upload_factor(samples, secagg.max_weight(cfg), cfg.secagg.quantization_range) \
+            if cfg.secagg.enabled else 1.0
+        upload, norm = privatize(rule.upload(task.model, held), config, weight)
         encoded = get_codec(cfg.compression).encode(upload)
         if pid in faults.corrupt_clients:  # a client that bypasses our encoder (bug or attack): NaNs on the wire
             encoded = [np.full_like(a, np.nan) if a.dtype.kind == "f" else a for a in encoded]
         metrics = {"partition": pid, "loss": loss, "update_norm": norm, "bytes_up": wire_bytes(encoded),
                    "train_seconds": time.perf_counter() - start}
-        # the server caps counts anyway; under SecAgg+ it cannot see them, so the honest client caps its own
-        samples = min(len(local), int(cfg.sample_cap)) if cfg.sample_cap else len(local)
         return encoded, samples, metrics
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
-from privlora.federated import client_privacy
+from privlora.federated import client_privacy, secagg
 from privlora.federated.partition import poisson_clients, sample_clients
 
 if TYPE_CHECKING:
@@ -99,7 +99,8 @@ class PrivacyPlan:
         dp = self.config.dp
         if self.mechanism == "gaussian":
             std = client_privacy.noise_std(self.sigma, dp.clip, max(1, group), dp.placement)
-            return {"mechanism": "gaussian", "clip": dp.clip, "noise_std": std}
+            # placement travels so a client under SecAgg+ knows to undo the mod's weighting of distributed noise
+            return {"mechanism": "gaussian", "clip": dp.clip, "noise_std": std, "placement": dp.placement}
         if self.mechanism == "laplace":
             eps = self.schedule[round_number - 1]
             return {"mechanism": "laplace", "clip": dp.clip, "laplace_scale": dp.clip / eps, "epsilon": eps}
@@ -135,6 +136,23 @@ class PrivacyPlan:
         self.history.append((min(sigmas, default=self.sigma), self.sample_rate))
         return self.spent()
 
+    def secagg_clipping_range(self) -> float:
+        """SecAgg+'s per-value range: wide enough under Gaussian DP that the mod never clips a noisy value
+        (:func:`privlora.federated.secagg.clipping_range`)."""
+        return secagg.clipping_range(self.config, self.sigma)
+
+    def _secagg_range(self) -> dict[str, Any]:
+        """What SecAgg+'s ±range and weighting do to the accounted mechanism, stated in privacy.json."""
+        return {"clipping_range": self.secagg_clipping_range(),
+                "covers": f"clip·(1 + {secagg.RANGE_SIGMAS:g}σ) per coordinate",
+                "per_value_overflow_probability": secagg.overflow_probability(),
+                "note": "SecAgg+ clips each client's noisy value to ±clipping_range before the secure sum, which "
+                        "is not post-processing of the accounted Gaussian sum. The range covers a clipped "
+                        f"coordinate plus {secagg.RANGE_SIGMAS:g} noise stds, so a run clips nothing except with "
+                        "probability ≤ V·p (V = coordinates × uploads, p above); that adds at most "
+                        "(1 + e^ε)·V·p to δ. Distributed noise is divided by each client's SecAgg+ weight, so "
+                        "the weighted sum carries σ·clip against a per-client contribution ≤ clip."}
+
     def spent(self) -> float | None:
         if self.mechanism == "gaussian":
             return client_privacy.gaussian_epsilons(self.history, self.config.dp.delta)[-1] if self.history else 0.0
@@ -165,6 +183,8 @@ class PrivacyPlan:
                 "placement": dp.placement, "secagg": self.config.secagg.enabled}
         if self.mechanism == "gaussian":
             per_round = client_privacy.gaussian_epsilons(self.history, dp.delta) if self.history else []
+            if self.config.secagg.enabled:
+                base["secagg_range"] = self._secagg_range()
             return {**base, "mechanism": "gaussian",
                     "accountant": "opacus RDP, Poisson-subsampled Gaussian, one step per round",
                     "noise_multiplier": self.sigma, "effective_noise_multipliers": [h[0] for h in self.history],

@@ -41,10 +41,15 @@ MAX_ROW_ID = 2**63 - 1  # ids are SQL integers: larger ones are no row (and woul
 def _check_run_file(name: str, data: bytes) -> str | None:
     import yaml
 
+    from privlora.config import AliasBomb, safe_yaml
+
     try:
         text = data.decode()
-        parsed = yaml.safe_load(text) if name == "config.yaml" else json.loads(text)
-    except (UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError):
+        # safe_yaml: a pushed alias bomb or a self-referring document is refused here, not expanded later
+        parsed = safe_yaml(text) if name == "config.yaml" else json.loads(text)
+    except (UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
+        if isinstance(e, RecursionError | AliasBomb):
+            return f"{name} is refused: it nests or aliases too deeply to be a run's config"
         return f"{name} is not valid {'YAML' if name == 'config.yaml' else 'JSON'}"
     if not isinstance(parsed, dict):
         return f"{name} must hold a mapping"

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from privlora.errors import UserError
+from privlora.runs import atomic_file
+from privlora.tensorfiles import first_nonfinite
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -68,12 +70,28 @@ def save_lora(module: nn.Module, spec: LoraSpec, out_dir: Path, *, diffusers_pre
     out_dir.mkdir(parents=True, exist_ok=True)
     state = lora_state_dict(module)
     meta = {"format": "pt", "privlora_base": base_model}
-    save_file({PEFT_PREFIX + k: v for k, v in state.items()}, str(out_dir / PEFT_WEIGHTS), metadata=meta)
-    save_file({f"{diffusers_prefix}.{k}": v for k, v in state.items()}, str(out_dir / DIFFUSERS_WEIGHTS),
-              metadata=meta)
+    write_safetensors(out_dir / PEFT_WEIGHTS, {PEFT_PREFIX + k: v for k, v in state.items()}, meta)
+    write_safetensors(out_dir / DIFFUSERS_WEIGHTS, {f"{diffusers_prefix}.{k}": v for k, v in state.items()}, meta)
     config = spec.peft_config()
     config.base_model_name_or_path = base_model
     config.save_pretrained(str(out_dir))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Serialise in memory and write through Python (temporary + rename): a full or read-only disk is an
+    ``OSError`` with its errno, and no half file is left under the final name."""
+    data = save(tensors, metadata=metadata)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def check_finite(state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Refuse weights holding NaN or ±inf: such an adapter turns every output into NaN (a black image, a
+    constant class) while looking like a normal file, and would pass through generate, audit or the
+    registry as if it were a trained model."""
+    name = first_nonfinite(state)
+    if name is not None:
+        raise UserError(f"adapter {source} has non-finite weights (tensor {name})")
 
 
 def read_lora(path: Path) -> dict[str, torch.Tensor]:
@@ -86,6 +104,7 @@ def read_lora(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # safetensors raises several types for bad headers
         raise UserError(f"{file} is not a valid safetensors file ({e}); "
                         "pickle checkpoints are refused") from None
+    check_finite(state, path)
     return {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
 
 

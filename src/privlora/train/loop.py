@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,12 +22,12 @@ import torch
 from privlora.config import TrainConfig, dump_config
 from privlora.data.imageset import ImageSet
 from privlora.data.splits import Splits, make_splits
-from privlora.errors import UserError
+from privlora.errors import UserError, file_error
 from privlora.progress import progress_bar
 from privlora.runs import rename_dir, write_json_atomic
 from privlora.tasks.diffusion import DiffusionTask
 from privlora.tasks.lora import LoraSpec
-from privlora.train.checkpoint import load_checkpoint, save_checkpoint
+from privlora.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from privlora.train.data import load_task_and_data
 from privlora.train.dp import GradientCanaryHook, PrivateTraining, resolve
 from privlora.train.objectives import OBJECTIVES, Objective
@@ -81,21 +82,33 @@ class TrainResult:
     privacy: dict[str, Any]
     utility: dict[str, Any]
     seconds: float
+    #: steps this process ran (``steps`` minus ``resumed_at``); both are reported for a resumed run
+    steps_run: int | None = None
+    resumed_at: int | None = None  # the checkpoint's step a resumed run continued from; None: fresh
 
 
-def _run_dirs(config: TrainConfig) -> tuple[Path, Path]:
+def _run_dirs(config: TrainConfig) -> tuple[Path, Path, bool]:
+    """``(out, out.partial, resuming)``. ``--resume`` with nothing to resume — no ``.partial``, or one killed
+    before its first checkpoint — starts over with a note instead of refusing, so the command that was
+    interrupted can simply be repeated with ``--resume``."""
     out = Path(config.out)
     partial = out.with_name(out.name + ".partial")
-    if config.resume:
-        if not partial.exists():
-            raise UserError(f"nothing to resume: {partial} does not exist")
-        return out, partial
     if out.exists():
         raise UserError(f"run directory {out} already exists; choose another --out or remove it")
-    if partial.exists():
+    has_checkpoint = (partial / CHECKPOINT).is_file()
+    if config.resume and has_checkpoint:
+        return out, partial, True
+    if config.resume:
+        why = "no checkpoint was written yet" if partial.exists() else f"{partial} does not exist"
+        print(f"note: nothing to resume ({why}); starting from step 0", file=sys.stderr, flush=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    elif has_checkpoint:
         raise UserError(f"an interrupted run is in {partial}: continue it with --resume, or remove it")
+    elif partial.exists():
+        raise UserError(f"{partial} holds a run stopped before its first checkpoint (or one still running): "
+                        "start it over with --resume, or remove it")
     partial.mkdir(parents=True)
-    return out, partial
+    return out, partial, False
 
 
 def _make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -149,7 +162,8 @@ def _check_resumable(config: TrainConfig, run: Path) -> None:
 
     saved = load_config(run / "config.yaml").model_dump(mode="json")
     now = config.model_dump(mode="json")
-    ignored = {"resume", "quiet", "device", "out"}  # out: the same run, however its path is spelt
+    # out: the same run, however its path is spelt; how often checkpoints are taken changes no result
+    ignored = {"resume", "quiet", "device", "out", "checkpoint_every", "checkpoint_minutes"}
 
     def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         items: dict[str, Any] = {}
@@ -213,7 +227,9 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
     _refuse_multiprocess()
     start = time.time()
     torch.manual_seed(config.seed)
-    out, run = _run_dirs(config)
+    out, run, resuming = _run_dirs(config)
+    if config.resume != resuming:  # --resume with nothing to resume: a fresh run from here on
+        config = config.model_copy(update={"resume": resuming})
     try:
         task, data = load_task_and_data(config, _lora_spec(config))
         if extra is not None:
@@ -231,11 +247,19 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
         return _train_loop(config, task, members, aux, held_out, out, run, start, gradient_canaries)
     except Interrupted:
         raise  # a resumable checkpoint was written: keep <out>.partial
-    except BaseException:
-        # bad input found during set-up (e.g. an impossible target ε): leave nothing half-written
-        if not config.resume and not (run / "checkpoint.pt").exists():
+    except BaseException as e:
+        # bad input found during set-up (e.g. an impossible target ε) or a failed write (full or
+        # read-only disk): leave nothing half-written, or only the last complete checkpoint to resume from
+        kept = config.resume or (run / CHECKPOINT).exists()
+        if not kept:
             shutil.rmtree(run, ignore_errors=True)
-        raise
+        failure = None if isinstance(e, UserError) else file_error(e)
+        if failure is None:
+            raise
+        if kept:
+            raise UserError(f"{failure}; the last checkpoint is in {run}: fix that and continue with --resume"
+                            ) from None
+        raise UserError(f"{failure}; nothing of {out} was kept") from None
 
 
 def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux: ImageSet,
@@ -254,9 +278,10 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
     generator = torch.Generator().manual_seed(config.seed)
     sampler = _Sampler(len(members), opts.batch_size, generator, private)
     step = 0
+    resumed_at: int | None = None
     if config.resume:
         state = load_checkpoint(run)
-        step = int(state["step"])
+        step = resumed_at = int(state["step"])
         with torch.no_grad():
             for p, saved in zip(params, state["params"], strict=True):
                 p.copy_(saved)
@@ -269,15 +294,23 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
             private.load_state_dict(state["private"])
         _truncate_metrics(run / "metrics.jsonl", step)
     last_saved: int | None = step if config.resume else None
+    every_seconds = config.checkpoint_minutes * 60
+    saved_at = time.monotonic()
 
     def checkpoint() -> None:
         # everything a step reads or changes, so that a resumed run repeats the uninterrupted one exactly
-        nonlocal last_saved
+        nonlocal last_saved, saved_at
         save_checkpoint(run, {"step": step, "params": [p.detach().cpu() for p in params],
                               "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
                               "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
                               "private": private.state_dict() if private is not None else {}})
-        last_saved = step
+        last_saved, saved_at = step, time.monotonic()
+
+    def due() -> bool:
+        """Every ``checkpoint_every`` steps, and by time as well: a slow run (large base, CPU) may take
+        hours to reach step 100, and a kill before then must not lose all of it."""
+        return step % config.checkpoint_every == 0 or (
+            every_seconds > 0 and time.monotonic() - saved_at >= every_seconds)
 
     last_loss, ema = float("nan"), None
     task.train()
@@ -299,7 +332,7 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
                     metrics.write(json.dumps({"step": step, **logs}) + "\n")
                     metrics.flush()
                 # the last step is checkpointed too: an interrupt during evaluation then repeats no step
-                if step % config.checkpoint_every == 0 or step == opts.max_steps or stop.requested:
+                if due() or step == opts.max_steps or stop.requested:
                     checkpoint()
                 bar.advance(loss=ema)
                 if stop.requested:
@@ -313,7 +346,8 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
         raise Interrupted(f"interrupted during step {step + 1}; the checkpoint of step {last_saved} is in "
                           f"{run}; continue with the same command and --resume") from None
     try:
-        return _finish(config, task, private, members, held_out, out, run, step, ema, last_loss, start)
+        return _finish(config, task, private, members, held_out, out, run, step, ema, last_loss, start,
+                       resumed_at)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted while saving the results; the checkpoint of step {step} is in {run}; "
                           "continue with the same command and --resume") from None
@@ -321,8 +355,11 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
 
 def _finish(config: TrainConfig, task: DiffusionTask, private: PrivateTraining | None, members: ImageSet,
             held_out: ImageSet, out: Path, run: Path, step: int, ema: float | None, last_loss: float,
-            start: float) -> TrainResult:
-    """Adapter, privacy.json and utility.json into ``<out>.partial``, then rename it to ``<out>``."""
+            start: float, resumed_at: int | None = None) -> TrainResult:
+    """Adapter, privacy.json and utility.json into ``<out>.partial``, then rename it to ``<out>``.
+
+    privacy.json's ``training`` block says how many steps this process ran and where it resumed: the
+    total alone would hide that a run was continued from a checkpoint."""
     privacy: dict[str, Any] = {"mechanism": "none", "mode": config.mode}
     if private is not None:
         privacy = {"mode": config.mode, **private.report()}
@@ -331,6 +368,8 @@ def _finish(config: TrainConfig, task: DiffusionTask, private: PrivateTraining |
         privacy = {"mode": config.mode, "mechanism": "empirical membership privacy (proxy attacker)",
                    "epsilon": None, "alpha": config.mp.alpha, "beta": config.mp.beta,
                    "note": "no formal guarantee; measure it with the membership audit"}
+    steps_run = step - (resumed_at or 0)
+    privacy["training"] = {"steps": step, "steps_this_run": steps_run, "resumed_at_step": resumed_at}
     task.model.eval()
     if not config.lora.full_finetune:
         task.save_adapter(run / "adapter")
@@ -341,7 +380,8 @@ def _finish(config: TrainConfig, task: DiffusionTask, private: PrivateTraining |
     (run / "checkpoint.pt").unlink(missing_ok=True)
     rename_dir(run, out)  # one rename; file by file inside an SGX enclave (privlora tee)
     return TrainResult(run_dir=out, mode=config.mode, steps=step, final_loss=float(ema or last_loss),
-                       privacy=privacy, utility=utility, seconds=time.time() - start)
+                       privacy=privacy, utility=utility, seconds=time.time() - start, steps_run=steps_run,
+                       resumed_at=resumed_at)
 
 
 def _one_step(task: DiffusionTask, objective: Objective, private: PrivateTraining | None,
