@@ -6,7 +6,8 @@ same optimiser and the same number of samples processed (10 × 5 × 20 × 16), b
 server's held-out 20 %. Then the same federation with client-level Gaussian DP at ε = 8 and ε = 3
 (δ = 1e-5, SecAgg+ with distributed noise: each client adds σC/√5, the sum carries σC), and with int8
 uploads; and client-level DP at ε = 8 with 100 clients, each joining a round with q = 0.1 (Poisson, ≈ 10
-per round; `--only NAME` runs one variant and adds it to the results file). Every number comes from one run of this script.
+per round; `--only NAME` runs one variant and adds it to the results file). Every number comes from one run
+of this script.
 
     python benchmarks/federated_accuracy.py            # ~25 min on 2 cores
 

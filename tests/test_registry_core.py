@@ -268,3 +268,18 @@ def test_federated_epsilons_are_recomputed_from_their_ledgers():
     with pytest.raises(ClaimError, match="recomputed by the registry"):
         verify_privacy({**gaussian, "epsilon": eps / 2})
     assert verify_privacy({"mechanism": "none", "epsilon": None}).epsilon is None  # no claim, nothing to check
+
+
+def test_the_registrys_own_audit_reads_only_built_in_or_allowed_sources(tmp_path):
+    """A pushed config is the pusher's input: it must not make the server read its own files."""
+    from privlora.errors import UserError
+    from privlora.registry.server_audit import check_sources
+
+    allowed = tmp_path / "audit-data"
+    (allowed / "faces").mkdir(parents=True)
+    check_sources("data: {source: 'demo:faces'}\nbase: embedded\n", ())  # built in: always allowed
+    check_sources(f"data: {{source: '{allowed / 'faces'}'}}\n", (allowed,))
+    for config in (f"data: {{source: '{tmp_path / 'elsewhere'}'}}\n", "data: {source: /etc}\n",
+                   f"data: {{source: '{allowed}/../secrets'}}\n", "base: /root/models/private-unet\n"):
+        with pytest.raises(UserError, match="not built in and not under a folder the registry may read"):
+            check_sources(config, (allowed,))

@@ -739,6 +739,9 @@ def registry_serve(
     token_days: float = typer.Option(30.0, "--token-days", help="Default lifetime of new tokens (days)."),
     audit_attacks: str = typer.Option("loss", "--audit-attacks", help="Attacks of the registry's own audit of an "
                                       "adapter before its first export ('' = only auditors' audits count)."),
+    audit_data: list[Path] = typer.Option([], "--audit-data", help="A folder the registry's own audit may read a "
+                                          "pushed run's data or base from (repeatable); built-in demo data and "
+                                          "bases are always allowed, nothing else is."),
 ) -> None:
     """Serve the registry; every call but /health and /openapi.json needs a token."""
     import socket
@@ -756,7 +759,8 @@ def registry_serve(
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
     registry = Registry(root, url=db, policy=ExportPolicy(max_auc_gain, max_auc, max_epsilon), log_key=log_key,
-                        token_days=token_days, audit_attacks=_names(audit_attacks) if audit_attacks else ())
+                        token_days=token_days, audit_attacks=_names(audit_attacks) if audit_attacks else (),
+                        audit_data=tuple(audit_data))
     typer.echo(f"registry on http://{host}:{port} ({root})", err=True)
     uvicorn.run(create_app(registry, max_body=int(max_body_mb * 2**20)), host=host, port=port, log_level="warning",
                 access_log=False)

@@ -130,16 +130,18 @@ def _row_id(value: int, what: str) -> int:
 class Registry:
     def __init__(self, root: Path, *, url: str | None = None, policy: ExportPolicy = ExportPolicy(),
                  log_key: Path | str | None = None, token_days: float = DEFAULT_TOKEN_DAYS,
-                 audit_attacks: tuple[str, ...] = ("loss",)) -> None:
+                 audit_attacks: tuple[str, ...] = ("loss",), audit_data: tuple[Path, ...] = ()) -> None:
         """``log_key``: the Ed25519 key signing the log's checkpoints (default ``$PRIVLORA_REGISTRY_LOG_KEY``
         or ``<root>/log-signing.key``); ``token_days``: default lifetime of new tokens; ``audit_attacks``:
-        the attacks of the registry's own audit before an export (empty: only auditors' audits count)."""
+        the attacks of the registry's own audit before an export (empty: only auditors' audits count);
+        ``audit_data``: folders that audit may read data or a base from, beside the built-in ones."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         url = url or f"sqlite:///{root / 'registry.db'}"
         if not 0 < token_days <= MAX_TOKEN_DAYS:
             raise UserError(f"token lifetime must be in (0, {MAX_TOKEN_DAYS:g}] days, got {token_days:g}")
         self.token_days, self.audit_attacks = token_days, tuple(audit_attacks)
+        self.audit_data = tuple(Path(p) for p in audit_data)
         signer = LogSigner(key_path(root, log_key))
         try:
             self.ledger = Ledger(url, signer)
@@ -318,7 +320,7 @@ class Registry:
         from privlora.registry.server_audit import audit_stored
 
         try:
-            results = audit_stored(self.store, adapter, attacks=self.audit_attacks)
+            results = audit_stored(self.store, adapter, attacks=self.audit_attacks, data_roots=self.audit_data)
         except UserError as e:
             self.ledger.append("registry", "adapters.audit", adapter["id"], "failed", {"reason": str(e)})
             return adapter, str(e)
