@@ -297,19 +297,24 @@ def _cli_in_process(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+def _start_until_checkpoint(args: list[str], out) -> subprocess.Popen:
+    """``privlora *args`` in a child process, returned once its first checkpoint is on disk (still running)."""
+    proc = subprocess.Popen([sys.executable, "-m", "privlora", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **CLI_ENV})
+    deadline = time.time() + 240
+    checkpoint = _partial(out) / "checkpoint.pt"
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
 def test_cli_ctrl_c_exits_130_and_resume_finishes_identically(tmp_path):
     steps = 6
     out = tmp_path / "cli"
     args = ["train", "--config", str(BASE), "--out", str(out), *_cli_set(), "--max-steps", str(steps)]
-    env = {**os.environ, **CLI_ENV}
-    proc = subprocess.Popen([sys.executable, "-m", "privlora", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = _start_until_checkpoint(args, out)
     try:
-        deadline = time.time() + 240
-        checkpoint = _partial(out) / "checkpoint.pt"
-        while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)  # a real Ctrl-C, delivered to the process mid-training
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -337,14 +342,9 @@ def test_kill_before_the_step_checkpoint_resumes_from_the_timed_one(tmp_path):
     out = tmp_path / "killed"
     args = ["train", "--config", str(BASE), "--out", str(out), *_cli_set(), "--max-steps", str(steps),
             "--set", "checkpoint_every=1000", "--set", "checkpoint_minutes=0.0001"]
-    proc = subprocess.Popen([sys.executable, "-m", "privlora", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **CLI_ENV})
+    checkpoint = _partial(out) / "checkpoint.pt"
+    proc = _start_until_checkpoint(args, out)
     try:
-        deadline = time.time() + 240
-        checkpoint = _partial(out) / "checkpoint.pt"
-        while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, proc.communicate()
         proc.kill()
         proc.communicate(timeout=60)
     finally:
