@@ -38,7 +38,9 @@ def test_deployment_engine_gives_the_simulations_adapter(tmp_path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         # same computation in other processes: equal up to float round-off (kernels may sum in another order)
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+        # (one element in 3072 measured 1.8e-5 apart on CI); the tensor as a whole must agree to 1e-3
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+        assert (a[key] - b[key]).norm() <= 1e-3 * b[key].norm() + 1e-6, key
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if "flower-supernode" in " ".join(p.info["cmdline"] or [])]
 

@@ -422,4 +422,7 @@ def test_a_real_training_run_opens_only_trusted_files(tmp_path, demo):
             outside.append(line)
     # the editable install's egg-info beside src/privlora is not mounted in the enclave (invisible there)
     outside = [p for p in outside if ".egg-info/" not in p]
-    assert not outside, outside[:20]
+    if outside:  # say what the manifest trusts under the same site folder, to tell a missing entry from a moved one
+        top = Path(outside[0]).parent
+        near = [u for u in uris if top.parent.name in u][:10]
+        assert not outside, (outside[:20], near, [u for u in uris if "psutil" in u])
