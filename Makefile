@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install demo docs test test-slow bench lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,12 @@ demo: $(STAMP)
 # Two pytest workers (pytest-xdist), one per core; each test file stays on one worker so its module
 # fixtures (trained runs, started servers) are built once. Tests are single-threaded (conftest).
 TEST_WORKERS ?= 2
-test: $(STAMP) $(VENV)/.debian
+# The docs site (README + docs/, see mkdocs.yml) into site/. Not -q: in MkDocs 1.6 it hides the
+# warnings that --strict counts, and a broken link would pass.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
+test: $(STAMP) $(VENV)/.debian docs
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # Debian's chromium renders the audit report in the slow browser test (root on the CI-class machine).
@@ -81,4 +86,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs demo
+	rm -rf $(VENV) runs demo site

@@ -130,8 +130,15 @@ def test_reference_adapters_are_trained_once_and_reused(tmp_path):
     stamp = (run / "references" / "ref-0" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     results = json.loads((run / "audit" / "results.json").read_text())
     assert set(results["attacks"]) == {"loss", "lira", "rmia"}
+    # each reference's signal (on the population and on the aux samples) is kept beside it and reused
+    signals = sorted((run / "references" / "signals").glob("ref-*.npy"))
+    assert len(signals) == 4, signals
+    kept = {f: f.stat().st_mtime_ns for f in signals}
+    first = (run / "audit" / "scores.csv").read_text()
     assert run_cli("audit", "--run", str(run), "--references", "2", "--attacks", "loss", "-q").returncode == 0
     assert (run / "references" / "ref-0" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert {f: f.stat().st_mtime_ns for f in signals} == kept
+    assert (run / "audit" / "scores.csv").read_text() == first  # the same numbers as computing them afresh
     # references for another population are refused, not silently reused
     other = tmp_path / "other"
     assert run_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--max-steps", "2", "--batch-size", "4",

@@ -36,7 +36,7 @@ class DataOptions(Strict):
     aux: float = Field(0.32, ge=0, lt=1)  # fraction only MP/SMP's proxy attacker may see
     eval: float = Field(0.36, ge=0, lt=1)  # fraction only the audit may see
     center_crop: bool = True
-    limit: int | None = Field(None, ge=4)  # text: a seeded sample of this many rows (demo:tweets has 38k)
+    limit: int | None = Field(None, ge=4)  # a fixed random sample of this many images or rows (demo:tweets has 38k)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataOptions:
@@ -77,12 +77,26 @@ class MPOptions(Strict):
     attacker_weight_decay: float = Field(1e-4, ge=0)
     attacker_steps: int = Field(1, ge=1)  # attacker updates per LoRA step (the paper's k)
     hidden: tuple[int, int] = (512, 256)
+    #: what the proxy attacker reads: the paper's raw error map, or the adapter's error relative to the
+    #: base model's on the same input (privlora.train.calibrated), closer to what LiRA/RMIA exploit
+    attacker: Literal["paper", "calibrated"] = "paper"
 
 
 class EvalOptions(Strict):
     timesteps: tuple[int, ...] = (50, 200, 400, 600, 800)
     samples: int = Field(64, ge=0)  # generations for the Fréchet distance; 0 disables it
     sample_steps: int = Field(50, ge=1)
+
+
+class PrivacyStopOptions(Strict):
+    """Privacy-aware early stopping (``privlora.train.privacy_stop``): every ``every`` steps a base-calibrated
+    loss attack scores a probe of training members against aux non-members; once its advantage
+    ``2·AUC − 1`` exceeds ``max_advantage`` the run stops and keeps the adapter of the last check it passed."""
+
+    every: int | None = Field(None, ge=1)  # steps between checks (and one at max_steps); None: off
+    probe: int = Field(64, ge=2)  # members and aux non-members each (fewer when a split is smaller)
+    max_advantage: float = Field(0.1, ge=0, le=1)  # bound on the probe attack's 2·AUC − 1
+    timesteps: tuple[int, ...] | None = Field(None, min_length=1)  # None: the audit's loss-signal timesteps
 
 
 class TrainConfig(Strict):
@@ -108,6 +122,7 @@ class TrainConfig(Strict):
     dp: DPOptions = DPOptions()
     mp: MPOptions = MPOptions()
     eval: EvalOptions = EvalOptions()
+    privacy_stop: PrivacyStopOptions = PrivacyStopOptions()
 
     @model_validator(mode="after")
     def _text_defaults(self) -> TrainConfig:

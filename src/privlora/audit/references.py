@@ -15,6 +15,7 @@ demo) share them, which is where most of an audit's cost goes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from privlora.audit.attacks import BATCH
 from privlora.data.imageset import ImageSet
 from privlora.data.splits import Splits
 from privlora.errors import UserError
-from privlora.runs import write_json_atomic
+from privlora.runs import atomic_file, write_json_atomic
 from privlora.tasks.diffusion import DiffusionTask
 
 MANIFEST = "references.json"
@@ -100,7 +101,9 @@ def ensure_references(config: Any, population: list[str], *, k: int, directory: 
             "mode": "plain", "optim": optim, "out": out, "name": f"reference-{i}", "seed": seed * 1000 + i,
             "quiet": quiet,
             "resume": out.with_name(out.name + ".partial").exists(),
-            "eval": config.eval.model_copy(update={"samples": 0, "timesteps": (200,)})})
+            "eval": config.eval.model_copy(update={"samples": 0, "timesteps": (200,)}),
+            # references have no aux split to probe; they train the recipe's full max_steps
+            "privacy_stop": config.privacy_stop.model_copy(update={"every": None})})
         if not quiet:
             print(f"training reference adapter {i + 1}/{len(inside)} on {len(members)} images → {out}")
         train(ref_config, splits=Splits(members=members, aux=[], eval=[], source=config.data.source,
@@ -110,34 +113,62 @@ def ensure_references(config: Any, population: list[str], *, k: int, directory: 
 
 
 @torch.no_grad()
-def loss_signal(task: DiffusionTask, data: ImageSet, *, seed: int) -> np.ndarray:
-    """Per image, ``log`` of the mean denoising error over :data:`SIGNAL_TIMESTEPS` (one noise draw each).
+def loss_signal(task: DiffusionTask, data: ImageSet, *, seed: int,
+                timesteps: tuple[int, ...] = SIGNAL_TIMESTEPS) -> np.ndarray:
+    """Per image, ``log`` of the mean denoising error over ``timesteps`` (one noise draw each).
 
     The same seed gives the target and every reference identical noisy inputs, so the per-draw luck
     cancels in the comparison. The log makes image difficulty (which scales the error) additive.
+    Training's privacy stop (:mod:`privlora.train.privacy_stop`) may ask for fewer timesteps.
     """
     gen = torch.Generator().manual_seed(seed)
     out = []
     for batch in data.batches(BATCH):
         n = len(batch["captions"])
         errors = torch.zeros(n, dtype=torch.float64)
-        for t in SIGNAL_TIMESTEPS:
+        for t in timesteps:
             err = task.squared_error(batch, gen, timesteps=torch.full((n,), t, dtype=torch.long))
             errors += err.flatten(1).mean(1).double().cpu()
-        out.append(torch.log(errors / len(SIGNAL_TIMESTEPS)).numpy())
+        out.append(torch.log(errors / len(timesteps)).numpy())
     return np.concatenate(out)
+
+
+def _signal_file(refs: References, k: int, ids: list[str], seed: int) -> Path:
+    """Where reference ``k``'s signal on ``ids`` is kept: keyed by the adapter's bytes, the images, the seed
+    and the timesteps, so a retrained reference or another population never reads a stale file."""
+    digest = hashlib.sha256()
+    with (refs.adapter(k) / "adapter_model.safetensors").open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(json.dumps({"ids": ids, "seed": seed, "timesteps": SIGNAL_TIMESTEPS}).encode())
+    return refs.directory / "signals" / f"ref-{k}-{digest.hexdigest()[:24]}.npy"
 
 
 def reference_signals(task: DiffusionTask, data: ImageSet, refs: References, *, seed: int,
                       target_adapter: Path) -> np.ndarray:
-    """``[K, N]`` signals of every reference adapter; the target adapter is loaded back afterwards."""
+    """``[K, N]`` signals of every reference adapter; the target adapter is loaded back afterwards.
+
+    Each reference's signal is saved beside it: every target audited over the same population (a sweep of
+    plain, SMP and DP runs) then pays only for its own signal, which is a sixth of the audit with K = 4."""
     rows = []
+    loaded = False
     try:
         for k in range(len(refs.inside)):
+            cache = _signal_file(refs, k, list(data.ids), seed)
+            if cache.is_file():
+                rows.append(np.load(cache))
+                continue
             task.load_adapter(refs.adapter(k))
+            loaded = True
             rows.append(loss_signal(task, data, seed=seed))
+            try:  # a cache: a read-only or full reference folder only costs the next audit the time
+                with atomic_file(cache) as tmp, tmp.open("wb") as f:
+                    np.save(f, rows[-1])
+            except OSError:
+                pass
     finally:
-        task.load_adapter(target_adapter)
+        if loaded:
+            task.load_adapter(target_adapter)
     return np.stack(rows)
 
 

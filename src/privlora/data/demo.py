@@ -1,9 +1,12 @@
-"""Built-in datasets that ship offline with scikit-image and scikit-learn.
+"""Built-in datasets that ship offline (scikit-image, scikit-learn, or rendered in-process).
 
 * ``demo:faces`` — the 100 faces of scikit-image's ``lfw_subset``: the *private* set of the
   memorisation demo (few samples, so an undefended adapter memorises them).
 * ``demo:digits`` — scikit-learn digits 5–9 (~900 images): the *private* set of the DP demo; DP needs
   hundreds of samples before the clipped signal rises above the noise.
+* ``demo:idcards`` — 5,000 synthetic ID cards rendered with Faker names and numbers
+  (:mod:`privlora.data.idcards`): the *private* benchmark set big enough for the membership audit to
+  have power (thousands of members and non-members from one distribution).
 * ``public`` — what the embedded base model is pre-trained on and which never overlaps the private
   sets: digits 0–4, the 100 non-face patches of ``lfw_subset`` and random crops of scikit-image's
   sample photographs.
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from privlora.data.idcards import idcards
 from privlora.data.imageset import ImageSet
 from privlora.errors import UserError
 
@@ -89,12 +93,13 @@ def public(resolution: int, *, crops_per_photo: int = 40, seed: int = 0) -> Imag
 BUILTIN: dict[str, Callable[[int], ImageSet]] = {
     "demo:faces": faces,
     "demo:digits": digits_private,
+    "demo:idcards": idcards,
     "public": public,
 }
 
 
 def load_builtin(name: str, resolution: int) -> ImageSet:
-    """Load a built-in dataset by name (``demo:faces``, ``demo:digits``, ``public``)."""
+    """Load a built-in dataset by name (``demo:faces``, ``demo:digits``, ``demo:idcards``, ``public``)."""
     try:
         loader = BUILTIN[name]
     except KeyError:

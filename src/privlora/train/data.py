@@ -24,7 +24,7 @@ def load_training_data(config: TrainConfig, task: DiffusionTask) -> ImageSet:
         if data.pixels.shape[1] != channels:
             data = ImageSet(ids=data.ids, pixels=data.pixels.expand(-1, channels, -1, -1).contiguous(),
                             captions=data.captions)
-        return data
+        return _limited(data, config.data.limit)
     data, report = load_folder(Path(source), channels=channels, resolution=resolution,
                                center_crop=config.data.center_crop, default_caption=config.prompt)
     if task.needs_captions and report.uncaptioned:
@@ -35,7 +35,18 @@ def load_training_data(config: TrainConfig, task: DiffusionTask) -> ImageSet:
 
         warnings.warn(f"{len(report.skipped)} files in {source} were skipped (corrupt or not images)",
                       stacklevel=2)
-    return data
+    return _limited(data, config.data.limit)
+
+
+def _limited(data: ImageSet, limit: int | None) -> ImageSet:
+    """A fixed random sample of ``limit`` images (file order kept). The draw does not depend on the run's
+    seed: reference adapters train under other seeds and must see the same population as the target."""
+    if limit is None or limit >= len(data):
+        return data
+    import torch
+
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    return data.subset(keep.tolist())
 
 
 def _image_task_and_data(config: TrainConfig, spec: Any) -> tuple[Any, Any]:

@@ -31,6 +31,7 @@ from privlora.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoi
 from privlora.train.data import load_task_and_data
 from privlora.train.dp import GradientCanaryHook, PrivateTraining, resolve
 from privlora.train.objectives import OBJECTIVES, Objective
+from privlora.train.privacy_stop import PrivacyStop
 from privlora.train.text_utility import measure_text_utility
 from privlora.train.utility import measure_utility
 
@@ -269,6 +270,7 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
     objective: Objective = OBJECTIVES[config.mode](task, members=members, aux=aux, options=config.mp,
                                                    batch_size=opts.batch_size)
     params = task.trainable_parameters()
+    guard = PrivacyStop(config, task, members, aux, params)  # privacy-aware early stop; inert when off
     optimizer = _make_optimizer(config, params)
     private = None
     if config.mode == "dp":
@@ -292,6 +294,7 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
             torch.set_rng_state(state["rng"])
         if private is not None:
             private.load_state_dict(state["private"])
+        guard.load_state_dict(state.get("privacy_stop", {}))
         _truncate_metrics(run / "metrics.jsonl", step)
     last_saved: int | None = step if config.resume else None
     every_seconds = config.checkpoint_minutes * 60
@@ -303,7 +306,8 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
         save_checkpoint(run, {"step": step, "params": [p.detach().cpu() for p in params],
                               "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
                               "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
-                              "private": private.state_dict() if private is not None else {}})
+                              "private": private.state_dict() if private is not None else {},
+                              "privacy_stop": guard.state_dict()})
         last_saved, saved_at = step, time.monotonic()
 
     def due() -> bool:
@@ -318,7 +322,7 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
         with (run / "metrics.jsonl").open("a") as metrics, _StopRequest() as stop, \
                 progress_bar(f"train {config.mode}", total=opts.max_steps, completed=step,
                              quiet=config.quiet) as bar:
-            while step < opts.max_steps:
+            while step < opts.max_steps and not guard.stopped:
                 logs = _one_step(task, objective, private, optimizer, params, sampler, members, generator,
                                  grad_clip=opts.grad_clip,
                                  # not at step 0: LoRA B starts at zero, so A's gradient is exactly zero
@@ -331,8 +335,9 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
                         logs["epsilon"] = private.epsilon()
                     metrics.write(json.dumps({"step": step, **logs}) + "\n")
                     metrics.flush()
+                guard.after_step(step, metrics)  # may restore the last passing check's LoRA and stop
                 # the last step is checkpointed too: an interrupt during evaluation then repeats no step
-                if due() or step == opts.max_steps or stop.requested:
+                if due() or step == opts.max_steps or stop.requested or guard.stopped:
                     checkpoint()
                 bar.advance(loss=ema)
                 if stop.requested:
@@ -347,7 +352,7 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
                           f"{run}; continue with the same command and --resume") from None
     try:
         return _finish(config, task, private, members, held_out, out, run, step, ema, last_loss, start,
-                       resumed_at)
+                       resumed_at, guard.report())
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted while saving the results; the checkpoint of step {step} is in {run}; "
                           "continue with the same command and --resume") from None
@@ -355,7 +360,8 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
 
 def _finish(config: TrainConfig, task: DiffusionTask, private: PrivateTraining | None, members: ImageSet,
             held_out: ImageSet, out: Path, run: Path, step: int, ema: float | None, last_loss: float,
-            start: float, resumed_at: int | None = None) -> TrainResult:
+            start: float, resumed_at: int | None = None,
+            early_stop: dict[str, Any] | None = None) -> TrainResult:
     """Adapter, privacy.json and utility.json into ``<out>.partial``, then rename it to ``<out>``.
 
     privacy.json's ``training`` block says how many steps this process ran and where it resumed: the
@@ -367,9 +373,12 @@ def _finish(config: TrainConfig, task: DiffusionTask, private: PrivateTraining |
     elif config.mode in ("mp", "smp"):
         privacy = {"mode": config.mode, "mechanism": "empirical membership privacy (proxy attacker)",
                    "epsilon": None, "alpha": config.mp.alpha, "beta": config.mp.beta,
+                   "attacker": config.mp.attacker,
                    "note": "no formal guarantee; measure it with the membership audit"}
     steps_run = step - (resumed_at or 0)
     privacy["training"] = {"steps": step, "steps_this_run": steps_run, "resumed_at_step": resumed_at}
+    if early_stop is not None:  # the adapter saved is the one of early_stop["kept_step"]
+        privacy["early_stop"] = early_stop
     task.model.eval()
     if not config.lora.full_finetune:
         task.save_adapter(run / "adapter")

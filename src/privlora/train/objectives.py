@@ -13,6 +13,10 @@ Diffusion Models", arXiv 2402.11989) and the authors' code (WilliamLUO0/StablePr
 Deviation from the authors' code, on purpose: ``L_ada`` and the attacker's view of the training batch
 come from one forward pass (their code runs the UNet twice with fresh noise); same objective in
 expectation, half the cost.
+
+``mp.attacker: calibrated`` swaps what the attacker reads (the paper's raw map is ``paper``, the
+default): the adapter's error relative to the base model's on the same input, see
+:mod:`privlora.train.calibrated`. The min-max game itself is the same.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 from privlora.config import MPOptions
 from privlora.data.imageset import ImageSet
 from privlora.tasks.diffusion import DiffusionTask
+from privlora.train.calibrated import VIEWS
 
 Batch = dict[str, Any]
 
@@ -100,7 +105,8 @@ class MinMaxObjective(Objective):
             raise UserError("MP/SMP need auxiliary non-members: set data.aux > 0")
         self.options = options
         self.members, self.aux, self.batch_size = members, aux, batch_size
-        self.attacker = ProxyAttacker(task.attack_feature_size(), options.hidden).to(task.device)
+        self.view = VIEWS[options.attacker](task)
+        self.attacker = ProxyAttacker(self.view.size(), options.hidden).to(task.device)
         self.attacker_opt = torch.optim.Adam(self.attacker.parameters(), lr=options.attacker_lr,
                                              weight_decay=options.attacker_weight_decay)
 
@@ -108,7 +114,7 @@ class MinMaxObjective(Objective):
         raise NotImplementedError
 
     def step_loss(self, batch: Batch, generator: torch.Generator) -> StepLoss:
-        adaptation, features = self.task.adaptation_and_features(batch, generator)
+        adaptation, features = self.view.training(batch, generator)
         member = torch.ones(features.shape[0], dtype=torch.long, device=features.device)
         attack = F.cross_entropy(self.attacker(features), member)
         loss = self.combine(adaptation, attack)
@@ -123,8 +129,10 @@ class MinMaxObjective(Objective):
             member_batch = _batch_of(self.members, half, generator)
             aux_batch = _batch_of(self.aux, half, generator)
             with torch.no_grad():
-                feats = torch.cat([self.task.attack_features(member_batch, generator),
-                                   self.task.attack_features(aux_batch, generator)])
+                feats = torch.cat([self.view.features(member_batch, generator),
+                                   self.view.features(aux_batch, generator)])
+                self.view.observe(feats)
+                feats = self.view.standardize(feats)
             labels = torch.cat([torch.ones(half), torch.zeros(half)]).long().to(feats.device)
             logits = self.attacker(feats)
             loss = F.cross_entropy(logits, labels)
@@ -136,11 +144,15 @@ class MinMaxObjective(Objective):
         return logs
 
     def state_dict(self) -> dict[str, Any]:
-        return {"attacker": self.attacker.state_dict(), "attacker_opt": self.attacker_opt.state_dict()}
+        state = {"attacker": self.attacker.state_dict(), "attacker_opt": self.attacker_opt.state_dict()}
+        view = self.view.state_dict()  # the calibrated view's running statistics; the paper's has none
+        return {**state, "view": view} if view else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.attacker.load_state_dict(state["attacker"])
         self.attacker_opt.load_state_dict(state["attacker_opt"])
+        if "view" in state:
+            self.view.load_state_dict(state["view"])
 
 
 class MPObjective(MinMaxObjective):

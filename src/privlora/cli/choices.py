@@ -1,0 +1,22 @@
+"""The fixed value sets of choice options, written out here so that ``privlora --help`` and ``--version`` do
+not import torch, OpenCV or pydantic to list them. tests/test_cli_package.py checks each against the library
+registry or config type it mirrors, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+MODES = ("plain", "dp", "mp", "smp")  # TrainConfig.mode
+TASKS = ("image", "text")  # TrainConfig.task
+STRATEGIES = ("ffa", "fedit", "flora")  # FederatedConfig.strategy
+FED_DP = ("none", "gaussian", "laplace")  # FedDPOptions.mechanism
+COMPRESSIONS = ("none", "int8")  # FederatedConfig.compression
+PRIVATIZERS = ("cti", "dchi", "none")  # SplitPrivatizerOptions.name
+BOTTOMS = ("frozen", "trainable")  # SplitConfig.bottom
+REDACTIONS = ("fill", "pixelate", "blur")  # data.sanitize.redact.REDACTORS
+PII_OPERATORS = ("replace", "mask", "hash")  # data.sanitize.pii.operators.OPERATORS
+DP_AUDIT_KINDS = ("noise", "blocks", "coarse", "gradient")  # audit.dp_audit_kinds.DP_AUDIT_KINDS
+ATTACKS = ("loss", "secmi", "pia", "sima")  # audit.attacks.ATTACKS (model-only attacks)
+UNLEARN_METHODS = ("target", "neggrad+", "salun", "retrain")  # unlearn.methods.METHODS
+ROLES = ("researcher", "engineer", "auditor", "admin")  # registry.access.ROLES
+DATASET_KINDS = ("sanitized", "full")  # registry service: dataset kinds
+TEE_KEYS = ("sealed", "provisioned")  # tee.manifest.KEY_SOURCES
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's --log-level

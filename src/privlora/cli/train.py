@@ -1,0 +1,134 @@
+"""Training commands: ``train``, ``generate`` and the ``base`` group (the embedded base model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from privlora.cli.choices import MODES, TASKS
+from privlora.cli.common import QUIET, choice, group, offline_defaults, one_line_errors, overrides
+
+base_app = group(help="The embedded base model: how it was made.")
+
+
+@one_line_errors
+def train(
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (see configs/); flags override it."),
+    mode: str = typer.Option(None, click_type=choice(MODES), help="plain (no privacy) | dp (DP-LoRA) | mp | "
+                             "smp (MP-/SMP-LoRA against a membership attacker); default: the config's, else plain."),
+    task: str = typer.Option(None, click_type=choice(TASKS), help="image (diffusion, default) | text (MiniLM "
+                             "sentence classifier on demo:tweets or a CSV/JSONL with text,label)."),
+    out: Path = typer.Option(None, help="Run directory to create (written atomically)."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Number of LoRA updates."),
+    base: str = typer.Option(None, help="'embedded', a diffusers folder or model id (UNet2DModel or SD)."),
+    data: str = typer.Option(None, help="demo:faces | demo:digits | demo:idcards | image folder with "
+                             "captions; text: demo:tweets | CSV/JSONL file."),
+    seed: int = typer.Option(None, help="Seed for splits, noise, timesteps and init; same seed, same numbers."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Batch (expected batch under DP)."),
+    lr: float = typer.Option(None, help="Learning rate."),
+    rank: int = typer.Option(None, help="LoRA rank."),
+    noise_multiplier: float = typer.Option(None, "--noise-multiplier", help="DP: σ (or use --target-epsilon)."),
+    target_epsilon: float = typer.Option(None, "--target-epsilon", help="DP: calibrate σ to this ε."),
+    max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="DP: per-sample clipping norm C."),
+    delta: float = typer.Option(None, help="DP: δ (default 1/(10·N))."),
+    alpha: float = typer.Option(None, help="MP/SMP: weight α of the attacker's loss."),
+    beta: float = typer.Option(None, help="SMP: β in L_ada / (β + α·L_att)."),
+    prompt: str = typer.Option(None, help="SD path: caption for images that have none."),
+    device: str = typer.Option(None, help="cpu | cuda | cuda:N"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickle weights for the base."),
+    quiet: bool = QUIET,
+    set_: list[str] = typer.Option([], "--set", help="Any config key, e.g. --set optim.weight_decay=0.01."),
+) -> None:
+    """Train a LoRA adapter: plain, DP-LoRA (Opacus), MP-LoRA or SMP-LoRA; writes a run directory."""
+    from privlora.config import load_config
+
+    offline_defaults()
+    named: dict[str, Any] = {
+        "mode": mode, "task": task, "out": str(out) if out else None, "optim.max_steps": max_steps, "base": base,
+        "data.source": data, "seed": seed, "optim.batch_size": batch_size, "optim.lr": lr, "lora.rank": rank,
+        "dp.noise_multiplier": noise_multiplier, "dp.target_epsilon": target_epsilon,
+        "dp.max_grad_norm": max_grad_norm, "dp.delta": delta, "mp.alpha": alpha, "mp.beta": beta,
+        "prompt": prompt, "device": device, "resume": resume or None, "trust_pickle": trust_pickle or None,
+        "quiet": quiet or None,
+    }
+    settings = load_config(config, overrides(named, set_))  # bad keys fail here, before torch is imported
+    from privlora.train.loop import train as run_training
+
+    result = run_training(settings)
+    eps = result.privacy.get("epsilon")
+    privacy = (f"ε={eps:.3g} (δ={result.privacy['delta']:.2g})" if isinstance(eps, float)
+               else result.privacy["mechanism"])
+    u = result.utility
+    ran = (f"ran {result.steps_run} steps (resumed at step {result.resumed_at}, {result.steps} in total)"
+           if result.resumed_at is not None else f"{result.steps} steps")
+    typer.echo(f"{result.mode}: {ran} in {result.seconds:.0f}s → {result.run_dir}")
+    typer.echo(f"  privacy: {privacy}")
+    def loss(key: str) -> str:
+        return "n/a" if u.get(key) is None else f"{u[key]:.4f}"
+
+    if "accuracy_heldout" in u:  # the text task
+        acc = "n/a" if u["accuracy_heldout"] is None else f"{u['accuracy_heldout']:.3f}"
+        majority = "n/a" if u["majority_class_heldout"] is None else f"{u['majority_class_heldout']:.3f}"
+        typer.echo(f"  held-out accuracy {acc} (majority class {majority}), loss {loss('loss_heldout')}; "
+                   f"members {loss('accuracy_members')} accuracy")
+        return
+    typer.echo(f"  held-out denoising loss {loss('loss_heldout')} (base {loss('base_loss_heldout')}), "
+               f"members {loss('loss_members')} (base {loss('base_loss_members')})")
+    if "fd_heldout" in u:
+        typer.echo(f"  Fréchet distance to held-out images {u['fd_heldout']:.3f} (base {u['base_fd_heldout']:.3f})")
+
+
+@one_line_errors
+def generate(
+    source: Path = typer.Argument(None, help="Run directory or adapter directory (omit: base model alone)."),
+    out: Path = typer.Option(Path("samples.png"), help="PNG grid to write."),
+    n: int = typer.Option(16, help="Number of images."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    base: str = typer.Option(None, help="Base model (default: the one the adapter was trained on)."),
+    prompt: str = typer.Option(None, help="Prompt (text-to-image bases)."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+) -> None:
+    """Sample a grid of images from base + adapter, deterministic for a given seed."""
+    from privlora.generate import generate as run_generate
+
+    offline_defaults()
+    result = run_generate(source, out=out, n=n, seed=seed, steps=steps, base=base, prompt=prompt,
+                          device=device, trust_pickle=trust_pickle)
+    typer.echo(f"wrote {result.count} images to {result.out}")
+
+
+@base_app.command("pretrain")
+@one_line_errors
+def base_pretrain(
+    out: Path = typer.Option(Path("base"), help="Folder for base_unet.safetensors + base_unet.json."),
+    steps: int = typer.Option(3000, help="Training steps."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: float = typer.Option(2e-3),
+    seed: int = typer.Option(0),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Re-make the embedded base UNet from public images only (digits 0–4, non-faces, photo crops)."""
+    from privlora.train.pretrain import pretrain_base
+
+    offline_defaults()
+    result = pretrain_base(out=out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet)
+    typer.echo(f"pre-trained {result.steps} steps in {result.seconds:.0f}s, loss {result.final_loss:.4f} → {out}")
+
+
+@base_app.command("info")
+@one_line_errors
+def base_info() -> None:
+    """Show the embedded base model's architecture and provenance."""
+    import json
+
+    from privlora.tasks.embedded import assets_dir, load_embedded
+
+    unet, _, meta = load_embedded()
+    size = (assets_dir() / "base_unet.safetensors").stat().st_size
+    typer.echo(json.dumps({"parameters": sum(p.numel() for p in unet.parameters()), "file_bytes": size,
+                           **meta}, indent=2))
