@@ -3,7 +3,8 @@
 The attacker holds the final global adapter (what every client, and the server, receives) and asks of
 each sample "was it in client 0's training data?". Members: client 0's samples. Non-members: the
 server's held-out samples, resampled to client 0's label mix (client 0's data is label-skewed, so an
-unmatched comparison would measure the label, not membership). Score: −cross-entropy. Figures from
+unmatched comparison would measure the label, not membership). Score: −cross-entropy (the audit's
+:func:`privlora.audit.text_attacks.text_loss_attack`). Figures from
 ``privlora.audit.metrics.summarize`` (AUC with bootstrap CI, TPR at 1 % FPR, empirical privacy =
 1 − balanced accuracy); the AUC is cross-checked with scikit-learn.
 
@@ -22,10 +23,10 @@ import random
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
 
 from privlora.audit.metrics import summarize
+from privlora.audit.text_attacks import text_loss_attack
 from privlora.config import FederatedConfig, load_config
 from privlora.federated.data import federated_data
 from privlora.tasks.text import TextClassificationTask, TextLora
@@ -45,12 +46,6 @@ def matched_non_members(members_labels: list[int], test_labels: list[int], seed:
     return [rng.choice(by_class[y]) for y in members_labels if by_class.get(y)]
 
 
-@torch.no_grad()
-def losses(task: TextClassificationTask, data, indices: list[int]) -> np.ndarray:
-    out = [task.per_sample_loss(data.batch(indices[i:i + 128])) for i in range(0, len(indices), 128)]
-    return torch.cat(out).numpy()
-
-
 def main() -> None:
     if not all((WORK / r / "adapter").is_dir() for r in RUNS):
         from federated_accuracy import main as run_accuracy
@@ -67,7 +62,8 @@ def main() -> None:
                                       alpha=config.lora.alpha, targets=tuple(config.lora.targets)))
         task.load_adapter(run / "adapter")
         task.model.eval()
-        scores = np.concatenate([-losses(task, data.train, members), -losses(task, data.test, non)])
+        scores = np.concatenate([text_loss_attack(task, data.train.subset(members)),
+                                 text_loss_attack(task, data.test.subset(non))])
         labels = np.concatenate([np.ones(len(members)), np.zeros(len(non))])
         figures = summarize(scores, labels, delta=0.0)
         figures["auc_sklearn"] = float(roc_auc_score(labels, scores))

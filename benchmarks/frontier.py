@@ -70,8 +70,8 @@ class Profile:
 
 
 PROFILES = {
-    "cpu": Profile(limit=2500, plain_steps=(100, 200, 400), smp_steps=200, dp_steps=200, dp_batch=64,
-                   references=4),
+    "cpu": Profile(limit=2500, plain_steps=(100, 200, 400), smp_steps=200, dp_steps=150, dp_batch=64,
+                   references=2, extra={"optim.batch_size": 16}),
     "full": Profile(limit=None, plain_steps=(500, 1000, 2000), smp_steps=1000, dp_steps=1000, dp_batch=256,
                     references=8),
 }
@@ -153,8 +153,8 @@ def run_one(name: str, overrides: dict[str, Any], *, profile: Profile, work: Pat
     out = work / name
     seconds: dict[str, float] = {}
     if not (out / "utility.json").exists():
-        settings = {**overrides, "out": str(out), "name": name, "device": device, "quiet": quiet,
-                    "data.limit": profile.limit, **profile.extra}
+        settings = {**profile.extra, **overrides, "out": str(out), "name": name, "device": device,
+                    "quiet": quiet, "data.limit": profile.limit}
         settings["resume"] = out.with_name(out.name + ".partial").exists()
         start = time.perf_counter()
         train(load_config(CONFIG, settings))

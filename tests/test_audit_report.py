@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import html
 import io
 import json
 import re
@@ -47,6 +49,13 @@ def test_report_is_self_contained_and_shows_every_part(session):
     for needle in ("Privacy–utility frontier", "LoRA spectrum", "Extraction", "Latent probe", "ε = ∞"):
         assert needle in doc, needle
     assert not re.search(r"(src|href)=['\"](https?:|file:|/)", doc)
+    assert len(re.findall(r"class=\"verdict (pass|fail)\" data-verdict", doc)) == 2  # at a glance, per run
+    for name in ("plain", "smp"):
+        results = json.loads((session / name / "audit" / "results.json").read_text())
+        prov = results["provenance"]
+        sha = hashlib.sha256((session / name / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+        assert prov["adapter_sha256"] == sha and f"{sha} — matches the audited adapter" in doc
+        assert prov["argv"][1:3] == ["audit", "--run"] and prov["date"].endswith("+00:00")
 
 
 def test_extraction_json_has_adapter_and_base_control(session):
@@ -85,6 +94,11 @@ window.addEventListener('load', () => {
   const imgs = [...document.images];
   const ok = imgs.filter(i => i.complete && i.naturalWidth > 0 && i.getBoundingClientRect().width > 0);
   document.body.setAttribute('data-rendered', ok.length + '/' + imgs.length);
+  const verdicts = [...document.querySelectorAll('.card .verdict')].filter(v => {
+    const box = v.getBoundingClientRect(), style = getComputedStyle(v);
+    return box.width > 0 && box.height > 0 && style.visibility === 'visible' && /^(PASS|FAIL) — /.test(v.innerText);
+  });
+  document.body.setAttribute('data-verdicts', verdicts.length + '/' + document.querySelectorAll('.card').length);
 });
 </script></body>""")
     page = tmp_path / "probe.html"
@@ -96,6 +110,8 @@ window.addEventListener('load', () => {
     assert match, dom.stderr[-2000:]
     rendered, total = map(int, match.groups())
     assert total == len(_images(doc)) and rendered == total
+    match = re.search(r'data-verdicts="(\d+)/(\d+)"', dom.stdout)
+    assert match and match.group(1) == match.group(2) == "2", match  # one visible PASS/FAIL per run card
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), *flags, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
@@ -119,3 +135,77 @@ def test_sweep_audits_every_run_in_a_folder(session, tmp_path):
     assert proc.returncode == 0, proc.stderr
     doc = report.read_text()
     assert "plain (plain)" in doc and "smp (smp)" in doc and "Privacy–utility frontier" in doc
+
+
+# --- verdict and provenance on hand-built audits (no training: fast) ---------------------------------
+def _hand_run(root: Path, name: str, *, leak: float, nonmembers: int = 200) -> dict:
+    """A run directory as ``privlora audit`` leaves it: adapter weights, config, scores.csv, results.json.
+    ``leak`` shifts the members' adapter scores (0: the adapter scores like the base model)."""
+    from privlora.audit.metrics import summarize
+
+    run = root / name
+    (run / "adapter").mkdir(parents=True)
+    (run / "audit").mkdir()
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(name.encode() * 1000)
+    (run / "config.yaml").write_text(f"mode: plain  # {name} <script>alert(1)</script>\n")
+    rng = np.random.default_rng(len(name))
+    labels = np.r_[np.ones(200, int), np.zeros(nonmembers, int)]
+    base = rng.normal(size=labels.size)
+    adapter = base + leak * labels + rng.normal(scale=0.1, size=labels.size)
+    with (run / "audit" / "scores.csv").open("w") as f:
+        f.write("id,member,loss,loss_base\n")
+        for i, (m, a, b) in enumerate(zip(labels, adapter, base, strict=True)):
+            f.write(f"i{i},{m},{float(a)!r},{float(b)!r}\n")
+    results = {"run": str(run), "mode": "plain", "members": 200, "nonmembers": nonmembers, "epsilon": None,
+               "delta": None, "utility": {}, "references": None,
+               "attacks": {"loss": {"adapter": summarize(adapter, labels), "base_control": summarize(base, labels)}}}
+    (run / "audit" / "results.json").write_text(json.dumps(results))
+    return results
+
+
+def test_verdict_passes_a_control_like_audit_and_fails_a_leaking_one(tmp_path):
+    from privlora.audit.report import verdict, write_report
+    from privlora.registry.policy import ExportPolicy
+
+    quiet, leaky = _hand_run(tmp_path, "quiet", leak=0.0), _hand_run(tmp_path, "leaky", leak=1.5, nonmembers=1000)
+    ok, bad = verdict(quiet), verdict(leaky)
+    assert ok.passed and ok.line.startswith("PASS — strongest attack loss: AUC ") and "≤ +0.05" in ok.line
+    assert not bad.passed and bad.line.startswith("FAIL — strongest attack loss: AUC ") and "> +0.05" in bad.line
+    assert "TPR@0.1%FPR" in bad.line and "TPR@1%FPR" in ok.line  # the lowest FPR the non-members resolve
+    assert not verdict(quiet, ExportPolicy(max_auc=0.4)).passed  # the registry's rule, whichever bound it has
+    assert "ε 12 (as the run's privacy.json records it) > policy 10" in verdict({**quiet, "epsilon": 12.0}).line
+    assert "TPR at low FPR n/a" in verdict(_hand_run(tmp_path, "small", leak=0.0, nonmembers=50)).line
+    doc = write_report([quiet, leaky], tmp_path / "report.html").read_text()
+    assert f'data-verdict="pass">quiet (plain): {html.escape(ok.line)}<' in doc
+    assert f'data-verdict="fail">leaky (plain): {html.escape(bad.line)}<' in doc
+    assert "&lt;script&gt;alert(1)" in doc and "<script>" not in doc  # config shown, autoescaped
+    assert "<details><summary>config.yaml" in doc
+
+
+def test_report_shows_the_adapters_sha256_and_notices_a_changed_adapter(tmp_path):
+    from privlora.audit.provenance import provenance
+    from privlora.audit.report import write_report
+
+    results = _hand_run(tmp_path, "run", leak=0.0)
+    weights = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    doc = write_report([results], tmp_path / "a.html").read_text()
+    assert f"{sha} — not recorded at audit time" in doc and "command line</dt><dd>not recorded" in doc
+    results["provenance"] = {**provenance(tmp_path / "run"), "argv": ["privlora", "audit", "--run", "x y"]}
+    assert results["provenance"]["adapter_sha256"] == sha
+    doc = write_report([results], tmp_path / "b.html").read_text()
+    assert f"{sha} — matches the audited adapter" in doc and "privlora audit --run &#39;x y&#39;" in doc
+    weights.write_bytes(b"tampered")
+    doc = write_report([results], tmp_path / "c.html").read_text()
+    assert f"DIFFERS from the audited adapter ({sha})" in doc
+    assert hashlib.sha256(b"tampered").hexdigest() in doc
+
+
+def test_small_sample_grids_are_enlarged_by_whole_pixels(tmp_path):
+    from privlora.audit.report import MIN_IMAGE_PX, write_report
+
+    results = _hand_run(tmp_path, "run", leak=0.0)
+    Image.fromarray(np.arange(64 * 96, dtype=np.uint8).reshape(64, 96)).save(tmp_path / "run" / "samples.png")
+    doc = write_report([results], tmp_path / "r.html").read_text()
+    width = int(re.search(r"<img class=\"pixels\" alt='samples' width=\"(\d+)\"", doc).group(1))
+    assert width == 96 * 3 and width >= MIN_IMAGE_PX and "image-rendering:pixelated" in doc

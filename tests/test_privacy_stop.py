@@ -170,3 +170,15 @@ def test_a_stopped_run_can_be_audited_with_reference_adapters(loose, tmp_path):
     assert {"lira", "rmia"} <= set(results["attacks"])
     ref = load_config(tmp_path / "refs" / "ref-0" / "config.yaml")
     assert ref.privacy_stop.every is None and ref.optim.max_steps == 5
+
+
+def test_the_cli_flags_reach_the_rule_and_the_summary_says_what_was_kept(tmp_path):
+    out = tmp_path / "cli-stop"
+    sets = [a for k, v in FAST.items() if k != "quiet" for a in ("--set", f"{k}={json.dumps(v)}")]
+    proc = invoke_cli("train", "--config", str(CONFIGS / "demo-plain.yaml"), "--out", str(out), "-q", *sets,
+                      "--privacy-stop-every", "1", "--max-advantage", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "privacy stop: the probe attack passed the bound at step 1" in proc.stdout
+    assert "kept the adapter of step 0" in proc.stdout
+    stop = json.loads((out / "privacy.json").read_text())["early_stop"]
+    assert (stop["every"], stop["max_advantage"], stop["kept_step"]) == (1, 0.0, 0)

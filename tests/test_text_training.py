@@ -73,5 +73,6 @@ def test_text_bad_input(tmp_path):
     assert_one_line_error(proc, "BERT model folder")
 
 
-def test_audit_refuses_text_runs(plain_run):
-    assert_one_line_error(run_cli("audit", "--run", str(plain_run), "-q"), "text run")
+def test_dp_canary_audit_refuses_text_runs(plain_run):
+    # the membership audit covers text runs (tests/test_audit_text.py); the one-run DP audit's canaries are images
+    assert_one_line_error(run_cli("audit", "--run", str(plain_run), "--dp-canaries", "8", "-q"), "text run")

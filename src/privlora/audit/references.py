@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,20 +134,27 @@ def loss_signal(task: DiffusionTask, data: ImageSet, *, seed: int,
     return np.concatenate(out)
 
 
-def _signal_file(refs: References, k: int, ids: list[str], seed: int) -> Path:
+def _signal_file(refs: References, k: int, ids: list[str], seed: int,
+                 signal_key: dict[str, Any] | None = None) -> Path:
     """Where reference ``k``'s signal on ``ids`` is kept: keyed by the adapter's bytes, the images, the seed
-    and the timesteps, so a retrained reference or another population never reads a stale file."""
+    and the timesteps (or ``signal_key``, another task's signal), so a retrained reference or another
+    population never reads a stale file."""
     digest = hashlib.sha256()
     with (refs.adapter(k) / "adapter_model.safetensors").open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    digest.update(json.dumps({"ids": ids, "seed": seed, "timesteps": SIGNAL_TIMESTEPS}).encode())
+    key = {"timesteps": SIGNAL_TIMESTEPS} if signal_key is None else signal_key
+    digest.update(json.dumps({"ids": ids, "seed": seed, **key}).encode())
     return refs.directory / "signals" / f"ref-{k}-{digest.hexdigest()[:24]}.npy"
 
 
 def reference_signals(task: DiffusionTask, data: ImageSet, refs: References, *, seed: int,
-                      target_adapter: Path) -> np.ndarray:
+                      target_adapter: Path, signal: Callable[..., np.ndarray] = loss_signal,
+                      signal_key: dict[str, Any] | None = None) -> np.ndarray:
     """``[K, N]`` signals of every reference adapter; the target adapter is loaded back afterwards.
+
+    ``signal`` (lower = member) defaults to the diffusion loss signal; another task passes its own and the
+    ``signal_key`` its cache files are told apart by (:mod:`privlora.audit.kinds`).
 
     Each reference's signal is saved beside it: every target audited over the same population (a sweep of
     plain, SMP and DP runs) then pays only for its own signal, which is a sixth of the audit with K = 4."""
@@ -154,13 +162,13 @@ def reference_signals(task: DiffusionTask, data: ImageSet, refs: References, *, 
     loaded = False
     try:
         for k in range(len(refs.inside)):
-            cache = _signal_file(refs, k, list(data.ids), seed)
+            cache = _signal_file(refs, k, list(data.ids), seed, signal_key)
             if cache.is_file():
                 rows.append(np.load(cache))
                 continue
             task.load_adapter(refs.adapter(k))
             loaded = True
-            rows.append(loss_signal(task, data, seed=seed))
+            rows.append(signal(task, data, seed=seed))
             try:  # a cache: a read-only or full reference folder only costs the next audit the time
                 with atomic_file(cache) as tmp, tmp.open("wb") as f:
                     np.save(f, rows[-1])

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
+import math
+import shlex
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from privlora.audit.metrics import sweep
+from privlora.audit.provenance import adapter_sha256, privlora_version
+from privlora.registry.policy import ExportPolicy, attack_aucs, auc_gain, strongest_attack
 from privlora.runs import atomic_file
 
 
@@ -61,6 +66,7 @@ def table_rows(all_results: list[dict[str, Any]]) -> tuple[list[str], list[list[
 def print_table(all_results: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     header, rows = table_rows(all_results)
     table = Table(title="privlora audit — members vs evaluation non-members (base model = control)")
@@ -68,7 +74,11 @@ def print_table(all_results: list[dict[str, Any]]) -> None:
         table.add_column(h, justify="left" if h in ("run", "mode", "attack") else "right")
     for row in rows:
         table.add_row(*row)
-    Console(width=160).print(table)
+    console = Console(width=160)
+    console.print(table)
+    for r in all_results:
+        v = verdict(r)
+        console.print(Text.assemble(f"{Path(r['run']).name}: ", (v.line, "green" if v.passed else "bold red")))
     if any(ad["adapter"].get("tpr_at_0.01_fpr") is None for r in all_results for ad in r["attacks"].values()):
         print("TPR@1%FPR is n/a where there are fewer than 100 evaluation non-members (an FPR of 1% cannot "
               "be measured on fewer); the ROC curves in the report show the low-FPR region that can.")
@@ -92,32 +102,53 @@ def _read_scores(run: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return labels, columns
 
 
-def roc_figure(results: dict[str, Any]) -> str:
-    """ROC curves on log-log axes (low FPR is what matters, Carlini et al. 2022), control dashed."""
+def _roc_groups(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Attacks per plot: reference-free ones together, reference-calibrated ones (LiRA, RMIA) apart, so a
+    plot holds at most a handful of curve pairs and stays legible."""
+    from privlora.audit.runner import REFERENCE_ATTACKS
+
+    groups = (("reference-free attacks", [a for a in results["attacks"] if a not in REFERENCE_ATTACKS]),
+              ("reference-adapter attacks", [a for a in results["attacks"] if a in REFERENCE_ATTACKS]))
+    return [(title, names) for title, names in groups if names]
+
+
+def roc_figure(results: dict[str, Any], attacks: list[str] | None = None, title: str = "") -> str:
+    """ROC curves on log-log axes (low FPR is what matters, Carlini et al. 2022), control dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     labels, columns = _read_scores(Path(results["run"]))
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     floor = 0.5 / max(1, int((labels == 0).sum()))
-    for i, name in enumerate(results["attacks"]):
-        color = f"C{i}"
+    for i, name in enumerate(attacks or list(results["attacks"])):
+        color, a = f"C{i}", results["attacks"][name]
         for suffix, style in (("", "-"), ("_base", ":")):
             s = sweep(columns[name + suffix], labels)
             ax.step(np.maximum(s.fpr, floor), np.maximum(s.tpr, floor), style, color=color, where="post",
-                    label=f"{name} (AUC {results['attacks'][name]['adapter']['auc']:.2f})" if not suffix else None)
-    ax.plot([floor, 1], [floor, 1], color="grey", lw=0.8)
+                    label=(f"{name}: AUC {a['adapter']['auc']:.2f} (control {a['base_control']['auc']:.2f})"
+                           if not suffix else None))
+    ax.plot([floor, 1], [floor, 1], color="grey", lw=0.8, label="chance")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(floor, 1)
     ax.set_ylim(floor, 1.05)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(f"{run_label(results)}: solid adapter, dotted base control", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{run_label(results)}{': ' + title if title else ''}", fontsize=9)
+    handles, names = ax.get_legend_handles_labels()
+    styles = [Line2D([], [], color="k", ls="-", label="solid: adapter"),
+              Line2D([], [], color="k", ls=":", label="dotted: base-model control")]
+    ax.legend(handles=[*handles, *styles], labels=[*names, *(h.get_label() for h in styles)], fontsize=7,
+              loc="lower right")
     return _png(fig)
+
+
+def roc_figures(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(title, image) per attack group of one run."""
+    return [(title, roc_figure(results, names, title)) for title, names in _roc_groups(results)]
 
 
 def _strongest(results: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -165,93 +196,121 @@ def frontier_figure(all_results: list[dict[str, Any]]) -> str | None:
     return _png(fig)
 
 
-def _image(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+# --- verdict and provenance --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """The export policy's decision on one run's audit, with the figures it was decided on."""
+
+    passed: bool
+    line: str  # "PASS — strongest attack …" as shown in the report and the terminal
+
+
+def _low_fpr_tpr(attack: dict[str, Any]) -> str:
+    """TPR at the lowest FPR the non-members could resolve, beside the control's."""
+    measured = sorted((float(k.removeprefix("tpr_at_").removesuffix("_fpr")), k)
+                      for k, v in attack["adapter"].items()
+                      if k.startswith("tpr_at_") and k.endswith("_fpr") and v is not None)
+    if not measured:
+        return "TPR at low FPR n/a (too few non-members to measure a 1% FPR)"
+    fpr, key = measured[0]
+    control = (attack.get("base_control") or {}).get(key)
+    return (f"TPR@{fpr * 100:g}%FPR {attack['adapter'][key] * 100:.1f}%"
+            + (f" (control {control * 100:.1f}%)" if control is not None else ""))
+
+
+def verdict(results: dict[str, Any], policy: ExportPolicy = ExportPolicy()) -> Verdict:
+    """PASS/FAIL by the registry's own export rule (:class:`~privlora.registry.policy.ExportPolicy`) on this
+    audit and the run's recorded ε, with the strongest attack's numbers so the decision can be checked."""
+    aucs = attack_aucs(results)
+    name = strongest_attack(aucs)
+    if name is None:
+        return Verdict(False, "FAIL — no attack AUCs in this audit")
+    auc, base = aucs[name]
+    gain = auc_gain(auc, base)
+    why = policy.attack_violation(aucs) or policy.epsilon_violation(results.get("epsilon"),
+                                                                    source="as the run's privacy.json records it")
+    control = "chance" if base is None else f"control {base:.3f}"
+    bound = ("" if policy.max_auc_gain is None else
+             f" {'≤' if gain <= policy.max_auc_gain + 1e-9 else '>'} +{policy.max_auc_gain:g}")
+    line = (f"{'FAIL' if why else 'PASS'} — strongest attack {name}: AUC {auc:.3f} vs {control} "
+            f"({gain:+.3f}{bound}); {_low_fpr_tpr(results['attacks'][name])}")
+    if why and not why.startswith(f"attack {name}: AUC {auc:.3f} is"):  # another bound failed: say which
+        line += f" — {why}"
+    return Verdict(why is None, line)
+
+
+def provenance_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the audit recorded about itself, and whether the adapter on disk is still the audited one."""
+    recorded = results.get("provenance") or {}
+    now = adapter_sha256(Path(results["run"]))
+    was = recorded.get("adapter_sha256")
+    if now is None:
+        check = "adapter weights not found in the run directory"
+    elif was is None:
+        check = "not recorded at audit time"
+    else:
+        check = "matches the audited adapter" if now == was else f"DIFFERS from the audited adapter ({was})"
+    argv = recorded.get("argv")
+    return [("adapter sha256", f"{now or 'n/a'} — {check}"),
+            ("privlora", f"{recorded.get('privlora', 'not recorded')} (audit), {privlora_version()} (this report)"),
+            ("command line", shlex.join(argv) if argv else "not recorded"),
+            ("audited at", recorded.get("date") or "not recorded")]
 
 
 # --- HTML ----------------------------------------------------------------------------------------------
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px}
-th{background:#f3f3f3}td.n{text-align:right}img{max-width:100%;border:1px solid #ddd;margin:4px}
-.grid{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #eee;padding:8px}
-.note{color:#555;font-size:13px}"""
+MIN_IMAGE_PX = 256  # sample grids and galleries are shown at least this wide, scaled by whole pixels
 
 
-def _table_html(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td class='n'>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _image(path: Path) -> dict[str, Any] | None:
+    """An inlined PNG and the width to show it at: small grids are enlarged by an integer factor."""
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    width = struct.unpack(">I", data[16:20])[0] if data[:8] == b"\x89PNG\r\n\x1a\n" else MIN_IMAGE_PX
+    return {"src": "data:image/png;base64," + base64.b64encode(data).decode(),
+            "width": width * max(1, math.ceil(MIN_IMAGE_PX / max(1, width)))}
 
 
-def _extras_html(run: Path) -> str:
-    parts = []
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _text(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
+
+
+def _card(r: dict[str, Any], policy: ExportPolicy) -> dict[str, Any]:
+    """Everything the template shows for one run, read from its directory."""
+    run = Path(r["run"])
     audit = run / "audit"
-    extraction = audit / "extraction.json"
-    if extraction.exists():
-        e = json.loads(extraction.read_text())
-        probe = e.get("latent_probe") or {}
-        parts.append(f"<h4>Extraction</h4><p>{e.get('extracted', 'n/a')} of {e.get('generated', 'n/a')} "
-                     f"generations are near-copies of a training image ({e.get('unique_extracted', 'n/a')} "
-                     f"distinct images; base model on the same latents: {e.get('base_extracted', 'n/a')}). "
-                     f"Latent probe AUC (members' closest generation nearer than non-members'): "
-                     f"{_fmt((probe.get('adapter') or {}).get('auc'))}, base "
-                     f"{_fmt((probe.get('base_control') or {}).get('auc'))}.</p>")
-        gallery = _image(audit / "extraction_gallery.png")
-        if gallery:
-            parts.append(f"<p class='note'>closest generations (left) beside their nearest training image "
-                         f"(right)</p><img alt='extraction gallery' src='{gallery}'>")
-    canary = audit / "canary.json"
-    if canary.exists():
-        c = json.loads(canary.read_text())
-        parts.append(f"<h4>Canary</h4><p>watermark detected in {c.get('detected', 'n/a')} of {c.get('n', 'n/a')} "
-                     f"generations (rate {_fmt(c.get('detection_rate'))}) at z &gt; {_fmt(c.get('threshold'), 2)}; "
-                     f"false positives on clean generations {_fmt(c.get('fpr_clean'))}, analytic "
-                     f"{_fmt(c.get('fpr_analytic'), 4)}.</p>")
-    samples = _image(run / "samples.png")
-    if samples:
-        parts.append(f"<h4>Samples</h4><img alt='samples' src='{samples}'>")
-    return "".join(parts)
+    refs = r.get("references")
+    return {"label": run_label(r), "name": run.name, "verdict": verdict(r, policy),
+            "epsilon": _epsilon(r), "delta": _fmt(r.get("delta")), "members": r["members"],
+            "nonmembers": r["nonmembers"],
+            "refs": (f"{refs['k']} reference adapters ({refs['directory']})" if refs else
+                     "no reference adapters (LiRA/RMIA off; use --references K)"),
+            "rocs": roc_figures(r), "provenance": provenance_rows(r),
+            "extraction": _read_json(audit / "extraction.json"), "gallery": _image(audit / "extraction_gallery.png"),
+            "canary": _read_json(audit / "canary.json"), "samples": _image(run / "samples.png"),
+            "config": _text(run / "config.yaml"), "privacy": _text(run / "privacy.json")}
 
 
-def _config_html(run: Path) -> str:
-    """The exact config that produced the run (and its ε), folded away under the card."""
-    config = run / "config.yaml"
-    if not config.exists():
-        return ""
-    return (f"<details><summary>config.yaml (what ran)</summary><pre>{html.escape(config.read_text())}</pre>"
-            "</details>")
+def _template() -> Any:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = _fmt
+    return env.get_template("report.html.j2")
 
 
-def write_report(all_results: list[dict[str, Any]], path: Path, *, extra_images: dict[str, str] | None = None
-                 ) -> Path:
+def write_report(all_results: list[dict[str, Any]], path: Path, *, extra_images: dict[str, str] | None = None,
+                 policy: ExportPolicy = ExportPolicy()) -> Path:
     """Write the self-contained HTML report (atomically) and return its path."""
     header, rows = table_rows(all_results)
-    sections = ["<h1>privlora audit report</h1><p class='note'>Members vs evaluation non-members of each run. "
-                "Every attack is also run on the base model alone (adapter disabled) on the same images: "
-                "that control shows how far the numbers move by chance or by image difficulty. "
-                "Scores per image are in each run's <code>audit/scores.csv</code>.</p>",
-                _table_html(header, rows)]
-    frontier = frontier_figure(all_results)
-    if frontier:
-        sections.append(f"<h2>Privacy–utility frontier</h2><img alt='frontier' src='{frontier}'>")
-    for name, src in (extra_images or {}).items():
-        sections.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='{src}'>")
-    sections.append("<h2>Runs</h2><div class='grid'>")
-    for r in all_results:
-        run = Path(r["run"])
-        refs = r.get("references")
-        refs_line = (f"{refs['k']} reference adapters ({html.escape(refs['directory'])})" if refs else
-                     "no reference adapters (LiRA/RMIA off; use --references K)")
-        sections.append(f"<div class='card'><h3>{html.escape(run_label(r))}</h3>"
-                        f"<p class='note'>ε = {html.escape(_epsilon(r))}, δ = {_fmt(r.get('delta'))}; "
-                        f"{r['members']} members vs {r['nonmembers']} non-members; {refs_line}</p>"
-                        f"<img alt='ROC {html.escape(run.name)}' src='{roc_figure(r)}'>{_extras_html(run)}"
-                        f"{_config_html(run)}</div>")
-    sections.append("</div>")
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>privlora audit</title>"
-           f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
+    doc = _template().render(header=header, rows=rows, frontier=frontier_figure(all_results),
+                             extra_images=extra_images or {}, cards=[_card(r, policy) for r in all_results],
+                             policy=policy)
     with atomic_file(path) as tmp:
         tmp.write_text(doc)
     return Path(path)

@@ -5,7 +5,8 @@ evaluation non-member with each attack — once with the adapter and once with t
 (the base model: the control every result must be read against) — and writes ``<run>/audit/``
 atomically: ``scores.csv`` (one row per image: id, member label, one column per attack and control)
 and ``results.json`` (the metrics of :mod:`privlora.audit.metrics` for each, plus extraction when
-asked). Reference attacks (LiRA, RMIA) join when ``references`` > 0.
+asked). Reference attacks (LiRA, RMIA) join when ``references`` > 0. What differs between image and
+text runs (loading, attacks, base control, reference signal) comes from :data:`privlora.audit.kinds.AUDIT_KINDS`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from privlora.audit import references as refs_mod
-from privlora.audit.attacks import ATTACKS
+from privlora.audit.kinds import AUDIT_KINDS, AuditKind
 from privlora.audit.metrics import summarize
-from privlora.data.imageset import ImageSet
+from privlora.audit.provenance import provenance
 from privlora.errors import UserError
 from privlora.runs import atomic_file, require_run_dir, write_json_atomic
 
@@ -33,17 +35,22 @@ DEFAULT_FPRS = (0.01, 0.001)
 
 @dataclass
 class LoadedRun:
-    """Everything an audit needs from a run directory."""
+    """Everything an audit needs from a run directory (data sets are ImageSet or TextSet)."""
 
     path: Path
     config: Any
     task: Any
-    members: ImageSet
-    held_out: ImageSet
-    aux: ImageSet
+    members: Any
+    held_out: Any
+    aux: Any
     delta: float
     privacy: dict[str, Any]
     utility: dict[str, Any]
+    base_control: Callable[[], AbstractContextManager[None]]  # inside it the task is the control model
+
+    @property
+    def kind(self) -> AuditKind:
+        return AUDIT_KINDS[self.config.task]
 
 
 def read_json_if_present(path: Path) -> dict[str, Any]:
@@ -54,58 +61,59 @@ def read_json_if_present(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_run(run: Path) -> LoadedRun:
-    """Load base + adapter + the three splits of a run, refusing anything that would void the audit."""
+def load_run(run: Path, *, tasks: tuple[str, ...] = ("image",)) -> LoadedRun:
+    """Load base + adapter + the three splits of a run, refusing anything that would void the audit.
+
+    ``tasks``: the run kinds the caller handles. Image only by default — the one-run DP audit, synthetic
+    data and unlearning read pixels from what this returns; the membership audit passes every kind."""
     from privlora.config import load_config
     from privlora.data.splits import Splits
-    from privlora.generate import adapter_base
-    from privlora.tasks.loading import load_task
-    from privlora.tasks.lora import PEFT_CONFIG, read_spec
-    from privlora.train.data import load_training_data
+    from privlora.tasks.lora import PEFT_CONFIG
 
     run = require_run_dir(run, adapter_file=PEFT_CONFIG, purpose="to audit")
     config = load_config(run / "config.yaml", {"resume": False})
-    if config.task != "image":
-        raise UserError(f"{run} is a {config.task} run; the audit covers image (diffusion) runs so far")
-    trained_on = adapter_base(run / "adapter")
-    if trained_on != config.base:
-        raise UserError(f"the adapter in {run} was trained on base {trained_on!r}, the run's config says "
-                        f"{config.base!r}: it cannot be audited against this base")
+    if config.task not in tasks:
+        raise UserError(f"{run} is a {config.task} run; this command covers {' and '.join(tasks)} runs only")
+    kind = AUDIT_KINDS[config.task]
     splits = Splits.load(run)
     overlap = set(splits.members) & set(splits.eval)
     if overlap:
-        raise UserError(f"splits.json lists {len(overlap)} images as both member and evaluation non-member "
-                        f"(e.g. {sorted(overlap)[0]}); the audit would be meaningless")
-    task = load_task(config.base, read_spec(run / "adapter"), seed=config.seed,
-                     trust_pickle=config.trust_pickle, device=config.device)
-    task.load_adapter(run / "adapter")
-    task.model.eval()
-    data = load_training_data(config, task)
+        raise UserError(f"splits.json lists {len(overlap)} {kind.samples} as both member and evaluation "
+                        f"non-member (e.g. {sorted(overlap)[0]}); the audit would be meaningless")
+    task, data, control = kind.load(config, run)
     known = set(data.ids)
     missing = [i for i in [*splits.members, *splits.eval, *splits.aux] if i not in known]
     if missing:
-        raise UserError(f"{len(missing)} images of splits.json are not in {config.data.source} "
+        raise UserError(f"{len(missing)} {kind.samples} of splits.json are not in {config.data.source} "
                         f"(e.g. {missing[0]}); was the data changed after training?")
-    if hasattr(task, "sample_shape") and not getattr(task, "needs_captions", False):
-        expected = tuple(task.sample_shape())
-        if tuple(data.pixels.shape[1:]) != expected:
-            raise UserError(f"images are {tuple(data.pixels.shape[1:])} but the base model takes {expected}")
     privacy = read_json_if_present(run / "privacy.json")
     return LoadedRun(path=run, config=config, task=task, members=data.by_ids(splits.members),
                      held_out=data.by_ids(splits.eval), aux=data.by_ids(splits.aux),
                      delta=float(privacy.get("delta") or 0.0), privacy=privacy,
-                     utility=read_json_if_present(run / "utility.json"))
+                     utility=read_json_if_present(run / "utility.json"), base_control=control)
 
 
-def _check_attacks(attacks: tuple[str, ...], references: int) -> tuple[str, ...]:
-    known = {**ATTACKS, **REFERENCE_ATTACKS}
+def _check_attacks(attacks: tuple[str, ...] | None, references: int, kind: AuditKind) -> tuple[str, ...]:
+    """The attacks to run (None: every model-only attack of the run's kind), reference ones added with K."""
+    attacks = tuple(kind.attacks) if attacks is None else attacks
+    known = {**kind.attacks, **REFERENCE_ATTACKS}
     for a in attacks:
         if a not in known:
-            raise UserError(f"unknown attack {a!r}; available: {', '.join(known)}")
+            raise UserError(f"unknown attack {a!r} for {kind.samples}; available: {', '.join(known)}")
         if a in REFERENCE_ATTACKS and references == 0:
             raise UserError(f"attack {a!r} needs reference adapters: add --references K (e.g. 2)")
     if references and not any(a in REFERENCE_ATTACKS for a in attacks):
         attacks = (*attacks, *REFERENCE_ATTACKS)
+    return attacks
+
+
+def check_request(loaded: LoadedRun, attacks: tuple[str, ...] | None, *, references: int,
+                  extraction: int) -> tuple[str, ...]:
+    """The attacks an audit of ``loaded`` will run, or a UserError for options that do not fit its task
+    (checked before any reference adapter is trained)."""
+    attacks = _check_attacks(None if attacks is None else tuple(attacks), references, loaded.kind)
+    if extraction and not loaded.kind.extraction:
+        raise UserError(f"--extraction generates images; it does not apply to a {loaded.config.task} run")
     return attacks
 
 
@@ -125,46 +133,50 @@ def _check_fprs(fprs: tuple[float, ...] | None, nonmembers: int) -> tuple[float,
 def score_run(loaded: LoadedRun, attacks: tuple[str, ...], *, seed: int,
               refs: refs_mod.References | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Score columns (``name`` and ``name_base``) for every attack, and seconds spent per attack."""
-    task, members, held_out = loaded.task, loaded.members, loaded.held_out
-    both = ImageSet(ids=[*members.ids, *held_out.ids], pixels=torch.cat([members.pixels, held_out.pixels]),
-                    captions=[*members.captions, *held_out.captions])
+    task, members, held_out, kind = loaded.task, loaded.members, loaded.held_out, loaded.kind
+    both = kind.join(members, held_out)
     columns: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
-    for name in (a for a in attacks if a in ATTACKS):
+    for name in (a for a in attacks if a in kind.attacks):
         start = time.perf_counter()
-        score = ATTACKS[name].score
+        score = kind.attacks[name].score
         columns[name] = np.r_[score(task, members, seed=seed), score(task, held_out, seed=seed + 1)]
-        with task.adapter_disabled():
+        with loaded.base_control():
             columns[f"{name}_base"] = np.r_[score(task, members, seed=seed), score(task, held_out, seed=seed + 1)]
         seconds[name] = time.perf_counter() - start
     if refs is not None:
         start = time.perf_counter()
         z = loaded.aux if len(loaded.aux) else both  # RMIA's population samples: known non-members
-        target = refs_mod.loss_signal(task, both, seed=seed)
-        target_z = refs_mod.loss_signal(task, z, seed=seed + 7)
-        with task.adapter_disabled():
-            base = refs_mod.loss_signal(task, both, seed=seed)
-            base_z = refs_mod.loss_signal(task, z, seed=seed + 7)
-        ref = refs_mod.reference_signals(task, both, refs, seed=seed, target_adapter=loaded.path / "adapter")
-        ref_z = refs_mod.reference_signals(task, z, refs, seed=seed + 7, target_adapter=loaded.path / "adapter")
+        target = kind.signal(task, both, seed=seed)
+        target_z = kind.signal(task, z, seed=seed + 7)
+        with loaded.base_control():
+            base = kind.signal(task, both, seed=seed)
+            base_z = kind.signal(task, z, seed=seed + 7)
+        ref, ref_z = (refs_mod.reference_signals(task, data, refs, seed=s, target_adapter=loaded.path / "adapter",
+                                                 signal=kind.signal, signal_key=kind.signal_key)
+                      for data, s in ((both, seed), (z, seed + 7)))
         inside = refs.membership(both.ids)
+        lira, rmia = kind.lira_signal, kind.rmia_signal
         for name, t, tz in (("", target, target_z), ("_base", base, base_z)):
             if "lira" in attacks:
-                columns[f"lira{name}"] = refs_mod.lira_scores(t, ref, inside)
+                columns[f"lira{name}"] = refs_mod.lira_scores(lira(t), lira(ref), inside)
             if "rmia" in attacks:
-                columns[f"rmia{name}"] = refs_mod.rmia_scores(t, ref, tz, ref_z)
+                columns[f"rmia{name}"] = refs_mod.rmia_scores(rmia(t), rmia(ref), rmia(tz), rmia(ref_z))
         seconds["references"] = time.perf_counter() - start
     order = [c for a in attacks for c in (a, f"{a}_base")]
     return {c: columns[c] for c in order}, seconds
 
 
-def audit_run(run: Path, *, attacks: tuple[str, ...] = tuple(ATTACKS), references: int = 0,
+def audit_run(run: Path, *, attacks: tuple[str, ...] | None = None, references: int = 0,
               reference_dir: Path | None = None, fprs: tuple[float, ...] | None = None, seed: int = 0,
               quiet: bool = True, loaded: LoadedRun | None = None, extraction: int = 0) -> dict[str, Any]:
-    """Score, summarise and write ``<run>/audit/``; returns the contents of results.json."""
+    """Score, summarise and write ``<run>/audit/``; returns the contents of results.json.
+
+    ``attacks`` None: every model-only attack of the run's task (image: loss, secmi, pia, sima; text: loss)."""
     run = Path(run)
-    attacks = _check_attacks(tuple(attacks), references)
-    loaded = loaded or load_run(run)
+    loaded = loaded or load_run(run, tasks=tuple(AUDIT_KINDS))
+    kind = loaded.kind
+    attacks = check_request(loaded, attacks, references=references, extraction=extraction)
     members, held_out = loaded.members, loaded.held_out
     if len(members) < 2 or len(held_out) < 2:
         raise UserError(f"the audit needs at least 2 members and 2 evaluation non-members "
@@ -181,19 +193,19 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] = tuple(ATTACKS), reference
     results: dict[str, Any] = {
         "run": str(run), "mode": loaded.config.mode, "members": len(members), "nonmembers": len(held_out),
         "seed": seed, "epsilon": loaded.privacy.get("epsilon"), "delta": loaded.delta or None,
-        "utility": {k: loaded.utility.get(k) for k in ("loss_members", "loss_heldout", "base_loss_heldout",
-                                                        "fd_heldout", "base_fd_heldout")},
+        "task": loaded.config.task, "utility": {k: loaded.utility.get(k) for k in kind.utility_keys},
         "references": None if refs is None else {"k": references, "directory": str(refs.directory),
                                                  "recipe": refs.recipe},
         "attacks": {}}
     for name in attacks:
-        info = ATTACKS[name] if name in ATTACKS else None
+        info = kind.attacks.get(name)
         results["attacks"][name] = {
             "paper": info.paper if info else REFERENCE_ATTACKS[name],
-            "queries_per_image": info.queries if info else len(refs_mod.SIGNAL_TIMESTEPS) * (references + 1),
+            "queries_per_image": info.queries if info else kind.signal_queries * (references + 1),
             "adapter": summarize(columns[name], labels, delta=loaded.delta, fprs=fprs, seed=seed),
             "base_control": summarize(columns[f"{name}_base"], labels, delta=loaded.delta, fprs=fprs, seed=seed)}
     results["seconds"] = seconds
+    results["provenance"] = provenance(run)  # which adapter bytes, code, command line and date
     if extraction:
         from privlora.audit.extraction_run import run_extraction
 

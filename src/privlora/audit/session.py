@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from privlora.audit.kinds import AUDIT_KINDS
 from privlora.audit.references import ensure_references
 from privlora.audit.report import print_table, write_report
-from privlora.audit.runner import audit_run, load_run
+from privlora.audit.runner import audit_run, check_request, load_run
 from privlora.audit.spectrum import adapter_spectrum, spectrum_plot
 from privlora.errors import UserError
 
@@ -45,7 +46,7 @@ def default_report_path(runs: list[Path]) -> Path:
     return (parents.pop() if len(parents) == 1 else Path.cwd()) / "report.html"
 
 
-def audit_session(runs: list[Path], *, attacks: tuple[str, ...], references: int, reference_dir: Path | None,
+def audit_session(runs: list[Path], *, attacks: tuple[str, ...] | None, references: int, reference_dir: Path | None,
                   fprs: tuple[float, ...] | None, extraction: int, report: Path | None, seed: int, quiet: bool,
                   echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
     runs = [Path(r) for r in runs]
@@ -53,7 +54,12 @@ def audit_session(runs: list[Path], *, attacks: tuple[str, ...], references: int
         raise UserError("the same run directory is given twice")
     if extraction < 0:
         raise UserError(f"--extraction must be ≥ 0, got {extraction}")
-    loaded = [load_run(r) for r in runs]
+    loaded = [load_run(r, tasks=tuple(AUDIT_KINDS)) for r in runs]
+    tasks = sorted({lr.config.task for lr in loaded})
+    if len(tasks) > 1:  # they would share reference adapters trained on one task's population
+        raise UserError(f"audit runs of one task at a time (got {' and '.join(tasks)} runs)")
+    for lr in loaded:
+        check_request(lr, attacks, references=references, extraction=extraction)
     reference_dir = reference_dir or (runs[0] / "references")
     if references:
         # references model "a plain adapter trained on this image": take the recipe of a plain run when

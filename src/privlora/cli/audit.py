@@ -19,8 +19,9 @@ def audit(
     run_alias: list[Path] = typer.Option(None, "--run", hidden=True, help=RUN_ALIAS_HELP),
     sweep: Path = typer.Option(None, "--sweep", help="Audit every run directory inside this folder (e.g. one "
                                "per α, σ or step budget) and draw their privacy–utility frontier."),
-    attacks: str = typer.Option("loss,secmi,pia,sima", help="Comma-separated model-only attacks "
-                                "(loss, secmi, pia, sima); lira and rmia join with --references."),
+    attacks: str = typer.Option(None, help="Comma-separated model-only attacks (image runs: loss, secmi, "
+                                "pia, sima; text runs: loss; default: all of the run's); lira and rmia join "
+                                "with --references."),
     references: int = typer.Option(0, "--references", help="Train K reference adapters on random halves of "
                                    "members ∪ evaluation non-members for LiRA and RMIA (K even; 0: none)."),
     reference_dir: Path = typer.Option(None, "--reference-dir", help="Where reference adapters live and are "
@@ -84,7 +85,7 @@ def audit(
                                             guesses=guesses, quiet=quiet, canary_dir=canary_dir)
             typer.echo(f"{r}: {line} → {written}")
         return
-    names = tuple(a.strip() for a in attacks.split(",") if a.strip())
+    names = None if attacks is None else tuple(a.strip() for a in attacks.split(",") if a.strip())
     fprs = None
     if fpr:
         try:

@@ -35,6 +35,14 @@ def train(
     delta: float = typer.Option(None, help="DP: δ (default 1/(10·N))."),
     alpha: float = typer.Option(None, help="MP/SMP: weight α of the attacker's loss."),
     beta: float = typer.Option(None, help="SMP: β in L_ada / (β + α·L_att)."),
+    mp_attacker: str = typer.Option(None, "--mp-attacker", click_type=choice(("paper", "calibrated")),
+                                    help="MP/SMP: the proxy attacker reads the raw error map (paper) or the "
+                                    "adapter's error relative to the base model's on the same noise (calibrated)."),
+    privacy_stop_every: int = typer.Option(None, "--privacy-stop-every", help="Privacy-aware early stopping: "
+                                           "attack a probe (members vs aux non-members) every N steps and stop "
+                                           "before its advantage exceeds --max-advantage (not with dp)."),
+    max_advantage: float = typer.Option(None, "--max-advantage", help="Privacy stop: bound on the probe attack's "
+                                        "advantage 2·AUC−1 (default 0.1); the last adapter under it is kept."),
     prompt: str = typer.Option(None, help="SD path: caption for images that have none."),
     device: str = typer.Option(None, help="cpu | cuda | cuda:N"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
@@ -51,6 +59,8 @@ def train(
         "data.source": data, "seed": seed, "optim.batch_size": batch_size, "optim.lr": lr, "lora.rank": rank,
         "dp.noise_multiplier": noise_multiplier, "dp.target_epsilon": target_epsilon,
         "dp.max_grad_norm": max_grad_norm, "dp.delta": delta, "mp.alpha": alpha, "mp.beta": beta,
+        "mp.attacker": mp_attacker, "privacy_stop.every": privacy_stop_every,
+        "privacy_stop.max_advantage": max_advantage,
         "prompt": prompt, "device": device, "resume": resume or None, "trust_pickle": trust_pickle or None,
         "quiet": quiet or None,
     }
@@ -66,6 +76,10 @@ def train(
            if result.resumed_at is not None else f"{result.steps} steps")
     typer.echo(f"{result.mode}: {ran} in {result.seconds:.0f}s → {result.run_dir}")
     typer.echo(f"  privacy: {privacy}")
+    stop = result.privacy.get("early_stop")
+    if stop and stop.get("stopped_at") is not None:
+        typer.echo(f"  privacy stop: the probe attack passed the bound at step {stop['stopped_at']} "
+                   f"(advantage > {stop['max_advantage']}); kept the adapter of step {stop['kept_step']}")
     def loss(key: str) -> str:
         return "n/a" if u.get(key) is None else f"{u[key]:.4f}"
 

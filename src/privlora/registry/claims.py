@@ -135,7 +135,7 @@ def verify_privacy(privacy: dict[str, Any]) -> VerifiedPrivacy:
 def compare_audits(claimed: dict[str, Any], established: dict[str, Any]) -> list[str]:
     """Attacks whose claimed AUC differs from the registry's (or an auditor's) by more than
     ``AUC_DISAGREEMENT``, one line each; attacks only one side ran are not compared."""
-    from privlora.registry.service import attack_aucs
+    from privlora.registry.policy import attack_aucs
 
     mine, theirs = attack_aucs(established), attack_aucs(claimed)
     return [f"attack {name}: claimed AUC {theirs[name][0]:.3f}, established {auc:.3f}"

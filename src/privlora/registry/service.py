@@ -21,6 +21,7 @@ from privlora.registry.access import ROLES, decide
 from privlora.registry.bases import base_shapes
 from privlora.registry.claims import ClaimError, compare_audits, verify_privacy
 from privlora.registry.ledger import Ledger, verify
+from privlora.registry.policy import ExportPolicy, attack_aucs  # re-exported: callers import them from here
 from privlora.registry.safety import inspect_adapter
 from privlora.registry.signing import LogSigner, key_path
 from privlora.registry.store import Store
@@ -64,60 +65,6 @@ def _check_run_file(name: str, data: bytes) -> str | None:
 class Principal:
     name: str
     role: str
-
-
-@dataclass(frozen=True)
-class ExportPolicy:
-    """An adapter may leave only if its latest audit is under these bounds (None: not required).
-
-    Only numbers the registry established count: the audit it ran itself or an auditor attached
-    (``audit_by`` set), never the pusher's ``claimed_audit``; ε as recomputed from the recorded mechanism
-    (``epsilon``, claims.py), never the number in privacy.json.
-
-    ``max_auc_gain`` bounds what the adapter *adds*: each attack's AUC on the adapter minus its AUC on the
-    base model (the audit's control, same images, noise and batches). An absolute AUC bound alone would
-    also judge the data: on the 68 demo faces the untouched base model already scores 0.60 with PIA, so
-    ``max_auc`` 0.6 would refuse every adapter, DP or not. Attacks reported without a control are
-    measured against chance (0.5).
-    """
-
-    max_auc_gain: float | None = 0.05
-    max_auc: float | None = None
-    max_epsilon: float | None = 10.0
-
-    def check(self, adapter: dict[str, Any]) -> str | None:
-        """None when the adapter passes; else why not."""
-        aucs = attack_aucs(adapter["audit"]) if adapter.get("audit_by") else {}
-        if (self.max_auc is not None or self.max_auc_gain is not None) and not aucs:
-            return ("no audit established by the registry or an auditor (the pusher's own audit is only a claim; "
-                    "an export needs an audit with attack AUCs)")
-        for name, (auc, base) in aucs.items():
-            if self.max_auc is not None and auc > self.max_auc + 1e-9:
-                return f"attack {name}: AUC {auc:.3f} > policy {self.max_auc}"
-            if self.max_auc_gain is not None and auc - (0.5 if base is None else base) > self.max_auc_gain + 1e-9:
-                control = "chance (0.5)" if base is None else f"the base model's {base:.3f}"
-                return (f"attack {name}: AUC {auc:.3f} is {auc - (0.5 if base is None else base):+.3f} over "
-                        f"{control} (policy ≤ +{self.max_auc_gain})")
-        eps = adapter.get("epsilon")
-        if self.max_epsilon is not None and eps is not None and eps > self.max_epsilon:
-            return f"ε {eps:.3g} (recomputed from the recorded mechanism) > policy {self.max_epsilon}"
-        return None
-
-
-def attack_aucs(audit: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
-    """attack → (AUC on the adapter, AUC on the base control or None) from an audit results.json
-    (``attacks.<name>.adapter.auc`` / ``.base_control.auc``, or a bare ``attacks.<name>.auc``)."""
-    out: dict[str, tuple[float, float | None]] = {}
-    attacks = audit.get("attacks") if isinstance(audit, dict) else None
-    for name, result in (attacks or {}).items():
-        if not isinstance(result, dict):
-            continue
-        adapter, base = result.get("adapter", result), result.get("base_control")
-        auc = adapter.get("auc") if isinstance(adapter, dict) else None
-        if isinstance(auc, int | float):
-            control = base.get("auc") if isinstance(base, dict) else None
-            out[name] = (float(auc), float(control) if isinstance(control, int | float) else None)
-    return out
 
 
 def _row_id(value: int, what: str) -> int:

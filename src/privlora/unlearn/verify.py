@@ -6,7 +6,7 @@
   (the gold reference: an adapter that never saw the forget set). Image attacks are the audit's
   (:data:`privlora.audit.attacks.ATTACKS`); the loss attack draws fresh noise per call, so its scores are
   averaged over ``draws`` seeds (the AUC of one draw on 8 images swings by ±0.1). Text: the loss attack is
-  −cross-entropy (deterministic).
+  −cross-entropy (deterministic; :mod:`privlora.audit.text_attacks`).
 * **Efficacy** = 1 − (AUC_after − 0.5)/(AUC_before − 0.5): 1 when the attack is back at chance, 0 when
   nothing changed; above 1 means "forgot too much" (the forget set now looks *less* like members than
   non-members do, which an attacker can detect too), so ``|AUC_after − AUC_retrain|`` is reported beside it.
@@ -21,23 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
 from privlora.audit.metrics import summarize
+from privlora.audit.text_attacks import text_loss_attack  # the audit's text loss attack: one implementation
 from privlora.errors import UserError
-
-BATCH = 64
-
-
-@torch.no_grad()
-def text_loss_attack(task: Any, data: Any, *, seed: int = 0) -> np.ndarray:
-    """Loss threshold for classifiers (Yeom et al. 2018): −cross-entropy of the true label."""
-    del seed
-    scores = []
-    for start in range(0, len(data), BATCH):
-        batch = data.batch(list(range(start, min(start + BATCH, len(data)))))
-        scores.append(-task.per_sample_loss(batch).double().cpu().numpy())
-    return np.concatenate(scores) if scores else np.zeros(0)
 
 
 def _image_attacks() -> dict[str, Callable[..., np.ndarray]]:
