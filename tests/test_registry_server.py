@@ -472,7 +472,14 @@ def test_dataset_commands(reg, tmp_path):
     assert not (tmp_path / "x").exists()
     assert_one_line_error(invoke(reg, "eve", "registry", "dataset", "list"), "403")
     assert_one_line_error(invoke(reg, "eve", "registry", "dataset", "push", str(full), "--kind", "full"), "403")
-    assert_one_line_error(invoke(reg, "ana", "registry", "dataset", "push", str(full), "--kind", "raw"), "422")
+    # the CLI refuses an unknown kind before sending anything; the server refuses it too (4xx with a reason)
+    assert_one_line_error(invoke(reg, "ana", "registry", "dataset", "push", str(full), "--kind", "raw"),
+                          "'raw' is not one of")
+    from privlora.registry.client import RegistryClient, RegistryRefusal
+
+    with pytest.raises(RegistryRefusal) as refused:
+        RegistryClient(reg["url"], reg["tokens"]["ana"]).push_dataset(full, name=None, kind="raw")
+    assert refused.value.status == 422
     assert_one_line_error(invoke(reg, "ana", "registry", "dataset", "push", str(tmp_path / "nope"), "--kind", "full"),
                           "does not exist")
 

@@ -351,7 +351,7 @@ def test_cli_sanitizes_and_prints_a_summary(tmp_path):
     (["{src}/a.png", "{src}"], ["outside the input"]),
     (["{src}", "{src}/inside"], ["outside the input"]),
     (["{src}", "{out}", "--faces", "yolo"], ["unknown face detector", "haar"]),
-    (["{src}", "{out}", "--redaction", "smudge"], ["unknown redaction", "fill"]),
+    (["{src}", "{out}", "--redaction", "smudge"], ["'smudge' is not one of", "fill"]),
     (["{src}"], ["output folder", "--dry-run"]),
     (["{src}", "{out}", "--margin", "-1"], ["--margin"]),
 ])
