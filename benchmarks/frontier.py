@@ -13,8 +13,9 @@ each row pays only for its own adapter's queries.
 
 ``--profile full`` is the issue's scale (5,000 cards: 2,000 members, 1,000 aux, 2,000 evaluation
 non-members; 8 references) and wants a GPU; ``--profile cpu`` (the default without CUDA) keeps the set at
-2,500 cards (1,000 / 500 / 1,000 — still enough non-members to resolve TPR at 0.1 % FPR) and the recipes
-short enough for a 2-core machine. Interrupt it at any time: finished runs and audits are reused, an
+2,500 cards (1,000 / 500 / 1,000 — still enough non-members to resolve TPR at 0.1 % FPR), recipes short
+enough for a 2-core machine, 2 references and no SecMI (12 denoiser queries per image, the weakest attack
+on the demo: it alone would double the audit). Interrupt it at any time: finished runs and audits are reused, an
 interrupted training resumes from its checkpoint.
 
 Hyperparameters were chosen without the private members' audit: the DP recipe (targets, rank, clip, lr,
@@ -64,6 +65,8 @@ class Profile:
     dp_steps: int
     dp_batch: int
     references: int
+    #: model-only attacks beside LiRA/RMIA (None: all of them)
+    attacks: tuple[str, ...] | None = None
     smp_alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -71,7 +74,7 @@ class Profile:
 
 PROFILES = {
     "cpu": Profile(limit=2500, plain_steps=(100, 200, 400), smp_steps=200, dp_steps=150, dp_batch=64,
-                   references=2, extra={"optim.batch_size": 16}),
+                   references=2, attacks=("loss", "pia", "sima"), extra={"optim.batch_size": 16}),
     "full": Profile(limit=None, plain_steps=(500, 1000, 2000), smp_steps=1000, dp_steps=1000, dp_batch=256,
                     references=8),
 }
@@ -168,7 +171,9 @@ def run_one(name: str, overrides: dict[str, Any], *, profile: Profile, work: Pat
     results = json.loads(results_file.read_text()) if results_file.exists() else None
     if results is None or (results.get("references") or {}).get("k") != profile.references:
         start = time.perf_counter()
-        results = audit_run(out, references=profile.references, reference_dir=work / "references", quiet=quiet)
+        attacks = (*profile.attacks, "lira", "rmia") if profile.attacks else None
+        results = audit_run(out, attacks=attacks, references=profile.references, reference_dir=work / "references",
+                            quiet=quiet)
         seconds["audit"] = time.perf_counter() - start
     privacy = json.loads((out / "privacy.json").read_text())
     utility = json.loads((out / "utility.json").read_text())

@@ -32,7 +32,8 @@ def test_deployment_engine_gives_the_simulations_adapter(tmp_path) -> None:
     deployed = federate(cfg(tmp_path, "deployed", engine="deployment"))
     simulated = federate(cfg(tmp_path, "simulated"))
     assert (deployed.run_dir / "logs" / "superlink.log").exists()
-    assert [m["accepted"] for m in deployed.rounds[1:]] == [3, 3]
+    # every client in every round of both runs (a reply past the deadline on a loaded machine shows here)
+    assert [m["accepted"] for m in deployed.rounds[1:]] == [m["accepted"] for m in simulated.rounds[1:]] == [3, 3]
     a = load_file(str(deployed.run_dir / "adapter/adapter_model.safetensors"))
     b = load_file(str(simulated.run_dir / "adapter/adapter_model.safetensors"))
     assert a.keys() == b.keys()

@@ -41,7 +41,11 @@ TRAIN_MODULES = ("privlora.cli", "privlora.train.loop", "privlora.train.dp", "pr
                  "privlora.train.data", "privlora.train.utility", "privlora.train.text_utility",
                  "privlora.train.checkpoint", "privlora.train.accounting", "privlora.tasks.loading",
                  "privlora.tasks.unet", "privlora.tasks.sd", "privlora.tasks.text", "privlora.tasks.embedded",
-                 "privlora.data.demo", "privlora.data.folder", "privlora.data.text", "privlora.data.splits")
+                 "privlora.data.demo", "privlora.data.folder", "privlora.data.text", "privlora.data.splits",
+                 # torch loads dynamo/inductor lazily on the first functorch (Opacus) call, and they import
+                 # whatever optional packages happen to be installed (colorama, pulled by mkdocs-material, was
+                 # one): importing them here puts those files in the manifest as well
+                 "torch._dynamo", "torch._inductor.utils")
 
 #: run in a fresh interpreter by :func:`imported_files`: import the modules named in argv, print as JSON every
 #: module file and every file mapped into the process (extension modules' shared libraries and theirs)
