@@ -77,7 +77,7 @@ def untrained_control(task: Any) -> Callable[[], AbstractContextManager[None]]:
     """The base control of a text run (see the module docstring): call it on a freshly built task, *before*
     the run's adapter is loaded, to capture the seeded initial head; the returned context manager then
     swaps that head in and bypasses LoRA, and puts back whatever adapter was loaded on exit."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from privlora.tasks.lora import lora_bypassed
 
     head = task.model.classifier
     initial = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -85,16 +85,12 @@ def untrained_control(task: Any) -> Callable[[], AbstractContextManager[None]]:
     @contextmanager
     def control() -> Iterator[None]:
         saved = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        layers = [m for m in task.model.modules() if isinstance(m, BaseTunerLayer)]
         with torch.no_grad():
             head.load_state_dict(initial)
-        for layer in layers:
-            layer.enable_adapters(False)
         try:
-            yield
+            with lora_bypassed(task.model):
+                yield
         finally:
-            for layer in layers:
-                layer.enable_adapters(True)
             with torch.no_grad():
                 head.load_state_dict(saved)
 

@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from privlora.tasks.lora import LoraSpec, add_lora, load_lora, save_lora
+from privlora.tasks.lora import LoraSpec, add_lora, load_lora, lora_bypassed, save_lora
 
 
 class DiffusionTask(ABC):
@@ -154,14 +153,8 @@ class DiffusionTask(ABC):
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
         """Run the base model alone (LoRA layers bypassed), e.g. to compare against the base."""
-        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
+        with lora_bypassed(self.model):
             yield
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)
 
     @abstractmethod
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ Why peft's low-level API (``inject_adapter_in_model``) and not ``unet.add_adapte
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +138,19 @@ def load_lora(module: nn.Module, path: Path, *, other_prefixes: tuple[str, ...] 
     missing = [k for k in result.unexpected_keys if "lora_" in k]
     if missing:
         raise UserError(f"adapter {path} could not be applied: {missing[:3]}")
+
+
+@contextmanager
+def lora_bypassed(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` without its LoRA layers (the base model alone); they are switched back on afterwards,
+    whatever happens inside."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
