@@ -5,8 +5,10 @@ Rows: plain LoRA at three stopping points, SMP-LoRA at three α with the paper's
 calibrated one, DP-LoRA at ε = 1, 3, 8 (δ = 1e-5), and plain LoRA with privacy-aware early stopping. Each
 run is trained by :func:`privlora.train.loop.train` and audited by :func:`privlora.audit.runner.audit_run`
 with every attack and K reference adapters (LiRA, RMIA). The references are trained once, with the recipe
-of the longest plain run (audited first), and shared by every row: they are the attacker's models, and an
-attacker who does not know the defence trains them the plain way. Their signals are cached beside them, so
+of the longest plain run (audited first), and shared by every row with that adapter shape: they are the
+attacker's models, and an attacker who does not know the defence trains them the plain way. The DP rows'
+attention-only rank-4 LoRA gets its own references (plain mode, the DP rows' recipe), because references of
+another shape are refused by the audit. Their signals are cached beside them, so
 each row pays only for its own adapter's queries.
 
     python benchmarks/frontier.py [--profile cpu|full] [--only NAME ...] [--work DIR] [--device cpu|cuda]
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -150,6 +153,15 @@ def _save_row(new: dict[str, Any]) -> None:
     write_json_atomic(RESULTS, rows)
 
 
+def _reference_dir(overrides: dict[str, Any]) -> str:
+    """References must have the target's adapter shape (audit/references.py refuses others): rows that change
+    the LoRA (DP's attention-only rank 4) get their own set, trained in plain mode with that row's recipe."""
+    lora = {k: v for k, v in sorted(overrides.items()) if k.startswith("lora.")}
+    if not lora:
+        return "references"
+    return "references-" + hashlib.sha256(json.dumps(lora).encode()).hexdigest()[:8]
+
+
 def run_one(name: str, overrides: dict[str, Any], *, profile: Profile, work: Path, device: str,
             quiet: bool, train_only: bool = False) -> dict[str, Any] | None:
     """Train (or reuse, or resume) and audit one row (``train_only``: no audit, no row)."""
@@ -172,8 +184,8 @@ def run_one(name: str, overrides: dict[str, Any], *, profile: Profile, work: Pat
     if results is None or (results.get("references") or {}).get("k") != profile.references:
         start = time.perf_counter()
         attacks = (*profile.attacks, "lira", "rmia") if profile.attacks else None
-        results = audit_run(out, attacks=attacks, references=profile.references, reference_dir=work / "references",
-                            quiet=quiet)
+        results = audit_run(out, attacks=attacks, references=profile.references,
+                            reference_dir=work / _reference_dir(overrides), quiet=quiet)
         seconds["audit"] = time.perf_counter() - start
     privacy = json.loads((out / "privacy.json").read_text())
     utility = json.loads((out / "utility.json").read_text())
