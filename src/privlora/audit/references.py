@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from privlora.audit.attacks import BATCH
+from privlora.audit.provenance import sha256_file
 from privlora.data.imageset import ImageSet
 from privlora.data.splits import Splits
 from privlora.errors import UserError
@@ -139,13 +140,10 @@ def _signal_file(refs: References, k: int, ids: list[str], seed: int,
     """Where reference ``k``'s signal on ``ids`` is kept: keyed by the adapter's bytes, the images, the seed
     and the timesteps (or ``signal_key``, another task's signal), so a retrained reference or another
     population never reads a stale file."""
-    digest = hashlib.sha256()
-    with (refs.adapter(k) / "adapter_model.safetensors").open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     key = {"timesteps": SIGNAL_TIMESTEPS} if signal_key is None else signal_key
-    digest.update(json.dumps({"ids": ids, "seed": seed, **key}).encode())
-    return refs.directory / "signals" / f"ref-{k}-{digest.hexdigest()[:24]}.npy"
+    what = {"adapter": sha256_file(refs.adapter(k) / "adapter_model.safetensors"), "ids": ids, "seed": seed, **key}
+    digest = hashlib.sha256(json.dumps(what).encode()).hexdigest()
+    return refs.directory / "signals" / f"ref-{k}-{digest[:24]}.npy"
 
 
 def reference_signals(task: DiffusionTask, data: ImageSet, refs: References, *, seed: int,

@@ -19,7 +19,6 @@ set depends on the seed, never on ``batch_size``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from privlora.audit.extraction import initial_noise
+from privlora.audit.provenance import sha256_file
 from privlora.errors import UserError
 from privlora.generate import adapter_base, grid_image
 from privlora.progress import progress_bar
@@ -46,14 +46,6 @@ NON_DP_NOTE = ("generated from an adapter trained without differential privacy: 
 CONDITION_NOTE = ("ControlNet conditions are inputs besides the adapter and are NOT covered by epsilon: "
                   "edge maps of private images leak their layout, silhouettes and often identity into "
                   "every image generated from them")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -129,7 +121,7 @@ def _load_conditions(controlnet: Path | None, conditions: Path | None, edges_fro
         images = cond.condition_images(conditions, resolution=resolution)
         info = {"kind": "controlnet", "conditions": "condition images", "from": str(conditions)}
     info.update({"count": len(images), "sha256": cond.digest(images), "controlnet": str(controlnet),
-                 "controlnet_sha256": {p.name: _sha256(p) for p in sorted(Path(controlnet).glob("*.safetensors"))}})
+                 "controlnet_sha256": {p.name: sha256_file(p) for p in sorted(Path(controlnet).glob("*.safetensors"))}})
     return images, info
 
 
@@ -216,8 +208,8 @@ def synthesize(run: Path, n: int, out: Path, *, seed: int = 0, steps: int = 50, 
             "guidance_scale": guidance_scale if kind.startswith("sd") else None,
             "prompts": prompts, "source": {
                 "run": str(run), "base": adapter_base(adapter), "mode": config.mode,
-                "adapter_sha256": _sha256(adapter / PEFT_WEIGHTS),
-                "adapter_files": {p.name: _sha256(p) for p in sorted(adapter.iterdir()) if p.is_file()}},
+                "adapter_sha256": sha256_file(adapter / PEFT_WEIGHTS),
+                "adapter_files": {p.name: sha256_file(p) for p in sorted(adapter.iterdir()) if p.is_file()}},
             "conditioning": conditioning, "image_shape": list(pixels.shape[1:]),
             "seconds": seconds, "images_per_second": n / seconds if seconds > 0 else None}
         if conditioning is not None:
