@@ -11,11 +11,11 @@ import json
 import socket
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psutil
 import pytest
+from process_tag import TAG_VAR, new_tag, tagged_alive
 
 from privlora.errors import UserError
 from privlora.federated import deployment
@@ -35,21 +35,14 @@ class Watch:
     """Samples the processes that carry ``tag`` in their environment while the run is on."""
 
     def __init__(self) -> None:
-        self.tag = uuid.uuid4().hex
-        self.env = {"PRIVLORA_TEST_TAG": self.tag}
+        self.tag = new_tag()
+        self.env = {TAG_VAR: self.tag}
         self.seen: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def alive(self) -> list[psutil.Process]:
-        found = []
-        for p in psutil.process_iter():
-            try:
-                if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("PRIVLORA_TEST_TAG") == self.tag:
-                    found.append(p)
-            except psutil.Error:
-                continue
-        return found
+        return tagged_alive(self.tag)
 
     def _sample(self) -> None:
         while not self._stop.is_set():

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from privlora.config import FederatedConfig
 from privlora.federated.data import federated_data
 from privlora.federated.run import federate, read_metrics
+from process_tag import TAG_VAR, new_tag, tagged_alive
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +29,12 @@ def cfg(tmp_path: Path, name: str, **overrides) -> FederatedConfig:
     return FederatedConfig.model_validate({**SMALL, "out": str(tmp_path / name), **overrides})
 
 
-def test_deployment_engine_gives_the_simulations_adapter(tmp_path) -> None:
+def test_deployment_engine_gives_the_simulations_adapter(tmp_path, monkeypatch) -> None:
+    tag = new_tag()
+    monkeypatch.setenv(TAG_VAR, tag)  # the SuperLink and SuperNodes inherit it: this run's processes, no other's
     deployed = federate(cfg(tmp_path, "deployed", engine="deployment"))
+    assert not tagged_alive(tag)  # the SuperLink, every SuperNode and their app processes are gone
+    monkeypatch.delenv(TAG_VAR)  # (the simulation's Ray processes may outlive it by design)
     simulated = federate(cfg(tmp_path, "simulated"))
     assert (deployed.run_dir / "logs" / "superlink.log").exists()
     # every client in every round of both runs (a reply past the deadline on a loaded machine shows here)
@@ -42,14 +47,17 @@ def test_deployment_engine_gives_the_simulations_adapter(tmp_path) -> None:
         # (one element in 3072 measured 1.8e-5 apart on CI); the tensor as a whole must agree to 1e-3
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
         assert (a[key] - b[key]).norm() <= 1e-3 * b[key].norm() + 1e-6, key
-    assert not [p for p in psutil.process_iter(["cmdline"])
-                if "flower-supernode" in " ".join(p.info["cmdline"] or [])]
 
 
-def _kill_supernode(partition: int) -> int:
+def _kill_supernode(tag: str, partition: int) -> int:
+    """Kill this run's SuperNode for ``partition`` (only processes carrying the test's tag: another worker's
+    SuperNodes have the same command line)."""
     killed = 0
-    for proc in psutil.process_iter(["cmdline"]):
-        line = " ".join(proc.info["cmdline"] or [])
+    for proc in tagged_alive(tag):
+        try:
+            line = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
         if "flower-supernode" in line and f"partition-id={partition} " in line:
             for p in [*proc.children(recursive=True), proc]:
                 p.kill()
@@ -57,7 +65,9 @@ def _kill_supernode(partition: int) -> int:
     return killed
 
 
-def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path) -> None:
+def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path, monkeypatch) -> None:
+    tag = new_tag()
+    monkeypatch.setenv(TAG_VAR, tag)
     config = cfg(tmp_path, "killed", engine="deployment", rounds=3, round_timeout=120)  # rounds take 20–90 s under load
     result: list = []
     thread = threading.Thread(target=lambda: result.append(federate(config)), daemon=True)
@@ -68,7 +78,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path) -> None:
         if any(m["round"] == 1 for m in lines):
             break
         time.sleep(0.5)
-    assert _kill_supernode(2) >= 1
+    assert _kill_supernode(tag, 2) >= 1
     thread.join(timeout=600)
     assert result, "the run did not finish"
     rounds = result[0].rounds

@@ -311,10 +311,9 @@ def test_trusted_files_follow_what_training_imports_not_only_metadata(tmp_path, 
     _fake_dist(site, "otherdist", {"other/__init__.py": ""})
     _fake_dist(site, "unuseddist", {"unused/__init__.py": ""})
     (site / "bare.py").write_text("")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    assert "helperdist" not in [d.metadata["Name"] for d in trusted.distribution_closure(["appdist"])]
-    _, entries, sites = trusted.python_environment(("appdist",), ("app",))
+    extra = (str(site),)
+    assert "helperdist" not in [d.metadata["Name"] for d in trusted.distribution_closure(["appdist"], extra)]
+    _, entries, sites = trusted.python_environment(("appdist",), ("app",), extra)
     inside = {p.relative_to(site).as_posix() for p in entries if p.is_relative_to(site)}
     assert {"app", "helper", "bare.py", "helper_extra", "helperdist-1.0.dist-info", "other"} <= inside, inside
     assert "unused" not in inside and site.resolve() in sites
@@ -325,6 +324,25 @@ def test_trusted_files_follow_what_training_imports_not_only_metadata(tmp_path, 
 
     for module in (psutil, transformers):
         assert Path(module.__file__).resolve().parent in real, module.__name__
+
+
+def test_distributions_resolve_as_a_fresh_interpreter_sees_them(tmp_path, monkeypatch):
+    """Flower's Ray backend puts Ray's vendored psutil first on the building process's sys.path *and* in its
+    PYTHONPATH, which every later subprocess inherits; the enclave has neither, so the manifest must still
+    trust the psutil that training there loads."""
+    from privlora.tee import trusted
+
+    import psutil
+
+    vendored = tmp_path / "thirdparty_files"
+    _fake_dist(vendored, "psutil", {"psutil/__init__.py": ""})
+    monkeypatch.syspath_prepend(str(vendored))
+    monkeypatch.setenv("PYTHONPATH", str(vendored))
+    (dist,) = [d for d in trusted.distribution_closure(["psutil"]) if d.metadata["Name"] == "psutil"]
+    assert dist.version == psutil.__version__
+    assert Path(psutil.__file__).resolve().parent in trusted.top_level_entries(dist)
+    _, entries, _ = trusted.python_environment(("accelerate",), ())
+    assert not [p for p in entries if p.is_relative_to(vendored)]
 
 
 def test_cli_errors_are_one_line_and_leave_the_old_manifest(tmp_path):

@@ -129,7 +129,40 @@ def _canonical(name: str) -> str:
     return canonicalize_name(name)
 
 
-def distribution_closure(roots: Iterable[str]) -> list[metadata.Distribution]:
+def probe_env(pythonpath: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment the manifest's probes run Python in: the enclave's, as far as imports go. Gramine
+    passes nothing from the host, so a host ``PYTHONPATH`` (Flower's Ray backend sets one to its whole
+    ``sys.path``, Ray's vendored psutil and colorama first) and the user site must not decide which copy
+    of a package is trusted; ``pythonpath`` names extra import folders explicitly."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": "ignore",
+                "PYTHONNOUSERSITE": "1"})
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    return env
+
+
+@functools.lru_cache(maxsize=8)
+def startup_path(pythonpath: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """``sys.path`` of a fresh interpreter in :func:`probe_env`: where the enclave's Python finds
+    distributions. This process's own path may have grown since it started (importing Ray puts its vendored
+    copies first), and resolving a name there would trust a copy training never loads."""
+    proc = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"],
+                          capture_output=True, text=True, timeout=120, env=probe_env(pythonpath))
+    if proc.returncode != 0:
+        raise UserError(f"cannot start {sys.executable} to read its import path: "
+                        f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return tuple(p for p in json.loads(proc.stdout) if p)
+
+
+def installed(name: str | None = None, pythonpath: tuple[str, ...] = ()) -> list[metadata.Distribution]:
+    """Installed distributions (``name``'s only, first on the path first) as a fresh interpreter sees them."""
+    path = list(startup_path(pythonpath))
+    return list(metadata.distributions(path=path) if name is None else metadata.distributions(name=name, path=path))
+
+
+def distribution_closure(roots: Iterable[str], pythonpath: tuple[str, ...] = ()) -> list[metadata.Distribution]:
     """The installed distributions ``roots`` need, transitively. A root that is not installed is a user
     error (privlora would fail to import it); a missing optional transitive requirement is skipped."""
     seen: dict[str, metadata.Distribution] = {}
@@ -139,13 +172,13 @@ def distribution_closure(roots: Iterable[str]) -> list[metadata.Distribution]:
         key = _canonical(name)
         if key in seen:
             continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
+        found = installed(name, pythonpath)
+        if not found:
             if required:
                 raise UserError(f"package {name!r} is not installed in {sys.prefix}; install privlora's "
-                                "dependencies there (pip install -e .) before generating the manifest") from None
+                                "dependencies there (pip install -e .) before generating the manifest")
             continue
+        dist = found[0]
         seen[key] = dist
         todo.extend((req, False) for req in _requirement_names(dist))
     return [seen[k] for k in sorted(seen)]
@@ -177,7 +210,7 @@ def top_level_entries(dist: metadata.Distribution) -> list[Path]:
     return sorted(site / top for top in _record_tops(dist) if top not in ("", "..") and (site / top).exists())
 
 
-def site_entries(dists: Iterable[metadata.Distribution]) -> list[Path]:
+def site_entries(dists: Iterable[metadata.Distribution], pythonpath: tuple[str, ...] = ()) -> list[Path]:
     """Trusted entries in site-packages for ``dists``, plus what Python itself reads there at startup
     and while importing: every ``.pth`` file (``site`` executes them), the distributions that own them
     (``distutils-precedence.pth`` imports setuptools' ``_distutils_hack``) and every ``.dist-info``
@@ -195,7 +228,7 @@ def site_entries(dists: Iterable[metadata.Distribution]) -> list[Path]:
             if child.suffix == ".pth" or child.name.endswith((".dist-info", ".egg-info")):
                 entries.add(child)
     pths = {p for p in entries if p.suffix == ".pth"}
-    for dist in metadata.distributions():
+    for dist in installed(pythonpath=pythonpath):
         site = _site_dir(dist)
         if any((site / top) in pths for top in _record_tops(dist) if top.endswith(".pth")):
             pth_owners.append(dist)
@@ -205,14 +238,12 @@ def site_entries(dists: Iterable[metadata.Distribution]) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=8)
-def imported_files(modules: tuple[str, ...]) -> tuple[Path, ...]:
+def imported_files(modules: tuple[str, ...], pythonpath: tuple[str, ...] = ()) -> tuple[Path, ...]:
     """Every file a fresh interpreter holds after importing ``modules``: module sources and the shared
     libraries mapped into it. Run offline and single-threaded, as in the enclave; a module that fails to
     import is a user error (training would fail the same way). Cached per process: it takes seconds."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, *modules], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=probe_env(pythonpath), timeout=600)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"cannot import what `privlora train` imports in {sys.prefix} ({last}); install "
@@ -233,10 +264,10 @@ def imported_tops(files: Iterable[Path], sites: Iterable[Path]) -> set[Path]:
     return tops
 
 
-def _owners(tops: set[Path]) -> list[str]:
+def _owners(tops: set[Path], pythonpath: tuple[str, ...] = ()) -> list[str]:
     """Names of the installed distributions whose RECORD lists one of ``tops``."""
     names = []
-    for dist in metadata.distributions():
+    for dist in installed(pythonpath=pythonpath):
         site = _site_dir(dist)
         if any((site / top) in tops for top in _record_tops(dist)):
             names.append(dist.metadata["Name"])
@@ -250,15 +281,15 @@ def _site_dirs() -> list[Path]:
 
 
 @functools.lru_cache(maxsize=8)
-def python_environment(roots: tuple[str, ...], modules: tuple[str, ...] = TRAIN_MODULES
-                       ) -> tuple[Interpreter, tuple[Path, ...], tuple[Path, ...]]:
+def python_environment(roots: tuple[str, ...], modules: tuple[str, ...] = TRAIN_MODULES,
+                       pythonpath: tuple[str, ...] = ()) -> tuple[Interpreter, tuple[Path, ...], tuple[Path, ...]]:
     """(interpreter, site-packages entries, site-packages folders) for the distributions ``roots`` need and
     those that importing ``modules`` really loads (with what they require, and any imported top-level entry
     no installed metadata owns); cached per process (the import probe and reading ~300 RECORD files are the
     slow part of building a manifest)."""
-    sites = {*_site_dirs(), *(_site_dir(d) for d in distribution_closure(roots))}
-    tops = imported_tops(imported_files(modules), sites) if modules else set()
-    dists = distribution_closure((*roots, *_owners(tops)))
+    sites = {*_site_dirs(), *(_site_dir(d) for d in distribution_closure(roots, pythonpath))}
+    tops = imported_tops(imported_files(modules, pythonpath), sites) if modules else set()
+    dists = distribution_closure((*roots, *_owners(tops, pythonpath)), pythonpath)
     sites |= {_site_dir(d) for d in dists}
-    entries = {*site_entries(dists), *(t for t in tops if t.exists())}
+    entries = {*site_entries(dists, pythonpath), *(t for t in tops if t.exists())}
     return interpreter(), tuple(sorted(entries)), tuple(sorted(sites))
