@@ -15,11 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from process_tag import TAG_VAR, new_tag, tagged_alive
 
 from privlora.errors import UserError
 from privlora.federated import deployment
 from privlora.federated.deployment import RunOutcome, run_deployment, write_app_dir
+from process_tag import TAG_VAR, new_tag, tagged_alive
 
 pytestmark = pytest.mark.slow
 

@@ -330,9 +330,9 @@ def test_distributions_resolve_as_a_fresh_interpreter_sees_them(tmp_path, monkey
     """Flower's Ray backend puts Ray's vendored psutil first on the building process's sys.path *and* in its
     PYTHONPATH, which every later subprocess inherits; the enclave has neither, so the manifest must still
     trust the psutil that training there loads."""
-    from privlora.tee import trusted
-
     import psutil
+
+    from privlora.tee import trusted
 
     vendored = tmp_path / "thirdparty_files"
     _fake_dist(vendored, "psutil", {"psutil/__init__.py": ""})
