@@ -263,20 +263,21 @@ def test_text_targets_are_raw_loss_quantiles(monkeypatch):
 def test_text_unlearning_runs_the_real_text_branch(tmp_path):
     """The text branch end to end (MiniLM, no stubs): a 40-step run on 30 tweets memorises them (forget AUC
     measured 0.87), `target` — the default method, with raw-loss aux quantiles as its bounds — then raises the
-    forget set's loss more than the retained set's and pulls its membership AUC down towards chance."""
+    forget set's loss more than the retained set's and pulls its membership AUC down towards chance (20 steps:
+    measured 0.87 → 0.40; 10 steps left 0.80 here, too close to the source to tell forgetting from noise)."""
     from privlora.unlearn.methods import probe_losses
 
     config = load_config(CONFIGS / "text-plain.yaml", {"data.limit": 60, "optim.batch_size": 8, "optim.lr": 5e-3,
                                                        "optim.max_steps": 40, "quiet": True,
                                                        "out": str(tmp_path / "text")})
     source = train(config).run_dir
-    r = unlearn(source, tmp_path / "forgot", forget_fraction=0.2, steps=10, lr=5e-3, stop="none", draws=1,
+    r = unlearn(source, tmp_path / "forgot", forget_fraction=0.2, steps=20, lr=5e-3, stop="none", draws=1,
                 train_reference=False, seed=0, quiet=True)
-    assert r["task"] == "text" and r["method"] == "target" and r["forget_size"] == 6 and r["steps_taken"] == 10
+    assert r["task"] == "text" and r["method"] == "target" and r["forget_size"] == 6 and r["steps_taken"] == 20
     assert r["targets"]["relative_to_base"] is False  # a classifier has no base model to compare with
     before, after = r["before"]["membership"]["forget"]["auc"], r["after"]["membership"]["forget"]["auc"]
     assert before > 0.75, before  # the source memorised its members: there is something to forget
-    assert after < before - 0.2, (before, after)
+    assert after < before - 0.2 and abs(after - 0.5) < abs(before - 0.5), (before, after)
     src, out = load_source(source), load_source(tmp_path / "forgot")
     rise = {}
     for name, ids in (("forget", r["forget"]), ("retain", out.splits.members)):
