@@ -74,7 +74,7 @@ def test_calibrated_features_cancel_image_difficulty():
     with torch.no_grad():
         adapted = torch.stack([task.calibrated_errors(batch, draws, torch.full((40,), 100))[0] for _ in range(8)])
         features = torch.stack([view.features(batch, draws) for _ in range(8)])
-    assert features.shape == (8, 40, view.size()) and torch.all(features[..., 2:].sum(-1) == 1)  # one-hot t
+    assert features.shape == (8, 40, view.size(members)) and torch.all(features[..., 2:].sum(-1) == 1)  # one-hot t
     difficulty = contrast[order[40:80]].numpy()
     assert spearmanr(difficulty, adapted.mean(0).numpy())[0] >= 0.8
     assert abs(spearmanr(difficulty, features[..., 0].mean(0).numpy())[0]) <= 0.65

@@ -31,9 +31,6 @@ class FakeTask:
     def attack_features(self, batch, generator=None) -> torch.Tensor:
         return batch["pixels"].flatten(1)
 
-    def attack_feature_size(self) -> int:
-        return int(torch.tensor(SHAPE).prod())
-
     def adaptation_and_features(self, batch, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         errors = batch["pixels"].flatten(1)
         return errors.mean(), errors

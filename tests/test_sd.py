@@ -179,6 +179,18 @@ def test_cli_private_modes(sd, tmp_path, mode):
         assert last["epsilon"] == pytest.approx(privacy["epsilon"])
 
 
+@pytest.mark.parametrize(("mode", "attacker"), [("mp", "paper"), ("smp", "paper"), ("smp", "calibrated")])
+def test_min_max_modes_take_a_resolution_other_than_the_native_one(sd, tmp_path, mode, attacker):
+    """The pipeline is 16-px native (8×8 latents); at 32 px the error map is 4×16×16 — the paper's proxy
+    attacker must be sized from the data, not from the UNet's config (this crashed with a shape error)."""
+    out = tmp_path / "run"
+    proc = run_cli(*_train_args(sd, out, mode), "--set", "data.resolution=32", "--set", f"mp.attacker={attacker}")
+    assert proc.returncode == 0, proc.stderr
+    _assert_run(out, mode)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and np.isfinite(last["loss"]) and np.isfinite(last["attacker_loss_members"])
+
+
 # --- the adapter in the ecosystem ----------------------------------------------------------------
 
 def _fixed_input():

@@ -112,9 +112,6 @@ class DiffusionTask(ABC):
             base = error()
         return adapted, base
 
-    def attack_feature_size(self) -> int:
-        return int(torch.tensor(self.sample_shape()).prod())
-
     # --- adapters -----------------------------------------------------------------------------
     def save_adapter(self, path: str | Path) -> None:
         if self.lora is None:

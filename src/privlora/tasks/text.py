@@ -112,9 +112,6 @@ class TextClassificationTask:
         true = probs.gather(1, labels[:, None])
         return loss.mean(), torch.cat([loss[:, None], true, probs.sort(dim=-1, descending=True).values], dim=1)
 
-    def attack_feature_size(self) -> int:
-        return 2 + self.num_labels
-
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

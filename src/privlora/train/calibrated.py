@@ -45,8 +45,12 @@ class RawErrorView:
     def __init__(self, task: DiffusionTask) -> None:
         self.task = task
 
-    def size(self) -> int:
-        return self.task.attack_feature_size()
+    def size(self, data: Any) -> int:
+        """Features per sample, measured on one of ``data``'s samples: the error map's size follows the data's
+        resolution (a 16-px-native UNet trained at 32 px, SD 1.5 at 256, 512 or 768 px), not the model's
+        native size. One no-grad pass with its own generator, so the training RNG stream is untouched."""
+        with torch.no_grad():
+            return int(self.task.attack_features(data.batch([0]), torch.Generator().manual_seed(0)).shape[1])
 
     def training(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L_ada, features)`` for the LoRA step; the features carry the graph back to the LoRA."""
@@ -113,7 +117,9 @@ class CalibratedView:
         self.task, self.timesteps = task, torch.tensor(timesteps, dtype=torch.long)
         self.scale = RunningStandardizer(self.ERRORS).to(task.device)
 
-    def size(self) -> int:
+    def size(self, data: Any) -> int:
+        """Two error columns and the timestep's one-hot, whatever the resolution."""
+        del data
         return self.ERRORS + len(self.timesteps)
 
     def _raw(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:

@@ -106,7 +106,7 @@ class MinMaxObjective(Objective):
         self.options = options
         self.members, self.aux, self.batch_size = members, aux, batch_size
         self.view = VIEWS[options.attacker](task)
-        self.attacker = ProxyAttacker(self.view.size(), options.hidden).to(task.device)
+        self.attacker = ProxyAttacker(self.view.size(members), options.hidden).to(task.device)
         self.attacker_opt = torch.optim.Adam(self.attacker.parameters(), lr=options.attacker_lr,
                                              weight_decay=options.attacker_weight_decay)
 
