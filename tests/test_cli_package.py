@@ -98,6 +98,8 @@ def _literal(model: str, path: str) -> tuple[str, ...]:
 @pytest.mark.parametrize(("name", "truth"), [
     ("MODES", lambda: _literal("TrainConfig", "mode")),
     ("TASKS", lambda: _literal("TrainConfig", "task")),
+    ("LR_SCHEDULERS", lambda: _literal("TrainConfig", "optim.lr_scheduler")),
+    ("PRECISIONS", lambda: _literal("TrainConfig", "optim.mixed_precision")),
     ("STRATEGIES", lambda: _literal("FederatedConfig", "strategy")),
     ("FED_DP", lambda: _literal("FederatedConfig", "dp.mechanism")),
     ("COMPRESSIONS", lambda: _literal("FederatedConfig", "compression")),

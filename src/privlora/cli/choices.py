@@ -6,6 +6,9 @@ from __future__ import annotations
 
 MODES = ("plain", "dp", "mp", "smp")  # TrainConfig.mode
 TASKS = ("image", "text")  # TrainConfig.task
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                 "polynomial")  # OptimOptions.lr_scheduler
+PRECISIONS = ("no", "fp16", "bf16")  # OptimOptions.mixed_precision
 STRATEGIES = ("ffa", "fedit", "flora")  # FederatedConfig.strategy
 FED_DP = ("none", "gaussian", "laplace")  # FedDPOptions.mechanism
 COMPRESSIONS = ("none", "int8")  # FederatedConfig.compression

@@ -7,10 +7,19 @@ from typing import Any
 
 import typer
 
-from privlora.cli.choices import MODES, TASKS
+from privlora.cli.choices import LR_SCHEDULERS, MODES, PRECISIONS, TASKS
 from privlora.cli.common import QUIET, choice, group, offline_defaults, one_line_errors, overrides
 
 base_app = group(help="The embedded base model: how it was made.")
+
+
+def _crop(center: bool, random: bool) -> bool | None:
+    """``data.center_crop`` from the two flags (None: neither given, the config decides)."""
+    if center and random:
+        from privlora.errors import UserError
+
+        raise UserError("give --center-crop or --random-crop, not both")
+    return True if center else False if random else None
 
 
 @one_line_errors
@@ -28,6 +37,27 @@ def train(
     seed: int = typer.Option(None, help="Seed for splits, noise, timesteps and init; same seed, same numbers."),
     batch_size: int = typer.Option(None, "--batch-size", help="Batch (expected batch under DP)."),
     lr: float = typer.Option(None, help="Learning rate."),
+    gradient_accumulation_steps: int = typer.Option(
+        None, "--gradient-accumulation-steps", help="K micro-batches of --batch-size per update (default 1). "
+        "plain/mp/smp: one update of K×B samples. dp: ONE logical Poisson batch of expected size K×B "
+        "(q = K·B/N, accounted so in privacy.json) processed in chunks of B, noised once per update."),
+    lr_scheduler: str = typer.Option(None, "--lr-scheduler", click_type=choice(LR_SCHEDULERS),
+                                     help="Learning-rate schedule (diffusers' get_scheduler), stepped per update; "
+                                     "default constant."),
+    lr_warmup_steps: int = typer.Option(None, "--lr-warmup-steps", help="Warmup updates for the schedule "
+                                        "(constant ignores them)."),
+    mixed_precision: str = typer.Option(None, "--mixed-precision", click_type=choice(PRECISIONS),
+                                        help="Autocast the forward pass (LoRA weights stay fp32); fp16 adds a "
+                                        "GradScaler and is refused under dp (use bf16)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute the UNet's "
+                                                "activations in backward (less memory, slower; not with dp)."),
+    resolution: int = typer.Option(None, help="Image side in pixels (default: the base model's)."),
+    center_crop: bool = typer.Option(False, "--center-crop", help="Resize the shorter side to --resolution, "
+                                     "then crop the centre (the default; overrides a config's random crop)."),
+    random_crop: bool = typer.Option(False, "--random-crop", help="Resize the shorter side to --resolution, "
+                                     "then crop a random square each step (seeded from --seed)."),
+    random_flip: bool = typer.Option(False, "--random-flip", help="Flip training images horizontally with "
+                                     "probability ½ (seeded from --seed)."),
     rank: int = typer.Option(None, help="LoRA rank."),
     noise_multiplier: float = typer.Option(None, "--noise-multiplier", help="DP: σ (or use --target-epsilon)."),
     target_epsilon: float = typer.Option(None, "--target-epsilon", help="DP: calibrate σ to this ε."),
@@ -61,6 +91,10 @@ def train(
         "dp.max_grad_norm": max_grad_norm, "dp.delta": delta, "mp.alpha": alpha, "mp.beta": beta,
         "mp.attacker": mp_attacker, "privacy_stop.every": privacy_stop_every,
         "privacy_stop.max_advantage": max_advantage,
+        "optim.gradient_accumulation_steps": gradient_accumulation_steps, "optim.lr_scheduler": lr_scheduler,
+        "optim.lr_warmup_steps": lr_warmup_steps, "optim.mixed_precision": mixed_precision,
+        "optim.gradient_checkpointing": gradient_checkpointing or None, "data.resolution": resolution,
+        "data.center_crop": _crop(center_crop, random_crop), "data.random_flip": random_flip or None,
         "prompt": prompt, "device": device, "resume": resume or None, "trust_pickle": trust_pickle or None,
         "quiet": quiet or None,
     }

@@ -75,8 +75,8 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def load_image(path: Path, *, channels: int, resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """One image → ``[C, R, R]`` float in ``[-1, 1]``. Raises ``OSError``/``ValueError`` if unreadable."""
+def _open(path: Path, channels: int) -> Image.Image:
+    """Decode safely (bomb and truncation checks first), orientation applied, in the wanted mode."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as probe:
@@ -84,19 +84,48 @@ def load_image(path: Path, *, channels: int, resolution: int, center_crop: bool 
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-            img = _to_mode(img, channels)
-    if center_crop:
-        img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
-    else:
-        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            return _to_mode(img, channels)
+
+
+def _to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(arr)
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 
+def load_resized(path: Path, *, channels: int, resolution: int) -> torch.Tensor:
+    """One image with its shorter side resized to ``resolution`` (diffusers' ``Resize``), ``[C, H, W]`` in
+    ``[-1, 1]``: what training's random crop cuts a square from."""
+    img = _open(path, channels)
+    scale = resolution / min(img.size)
+    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    return _to_tensor(img.resize(size, Image.Resampling.BICUBIC), channels)
+
+
+def center_square(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The centre ``resolution``² crop of ``[C, H, W]`` (torchvision's CenterCrop offsets)."""
+    top = int(round((image.shape[1] - resolution) / 2.0))
+    left = int(round((image.shape[2] - resolution) / 2.0))
+    return image[:, top:top + resolution, left:left + resolution].contiguous()
+
+
+def load_image(path: Path, *, channels: int, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """One image → ``[C, R, R]`` float in ``[-1, 1]``. Raises ``OSError``/``ValueError`` if unreadable.
+    ``center_crop=False`` stretches the whole image to the square."""
+    img = _open(path, channels)
+    if center_crop:
+        img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
+    else:
+        img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return _to_tensor(img, channels)
+
+
 def load_folder(folder: Path, *, channels: int, resolution: int, center_crop: bool = True,
                 default_caption: str | None = None) -> tuple[ImageSet, FolderReport]:
-    """Load every image under ``folder`` (recursively) with its caption."""
+    """Load every image under ``folder`` (recursively) with its caption.
+
+    ``center_crop=False`` (diffusers' random crop): each image is kept with its shorter side at
+    ``resolution`` in ``ImageSet.uncropped`` for training to crop at random; ``pixels`` are centre crops."""
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"image folder {folder} does not exist")
@@ -107,11 +136,15 @@ def load_folder(folder: Path, *, channels: int, resolution: int, center_crop: bo
                    and p.suffix.lower() in IMAGE_SUFFIXES)
     report = FolderReport()
     ids, tensors, captions = [], [], []
+    uncropped: list[torch.Tensor] = []
     for path in files:
         rel = path.relative_to(folder).as_posix()
         try:
-            tensors.append(load_image(path, channels=channels, resolution=resolution,
-                                      center_crop=center_crop))
+            if center_crop:
+                tensors.append(load_image(path, channels=channels, resolution=resolution))
+            else:
+                uncropped.append(load_resized(path, channels=channels, resolution=resolution))
+                tensors.append(center_square(uncropped[-1], resolution))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as e:
             report.skipped[rel] = f"{type(e).__name__}: {e}"
@@ -135,4 +168,5 @@ def load_folder(folder: Path, *, channels: int, resolution: int, center_crop: bo
     for rel, why in report.skipped.items():
         warnings.warn(f"skipped {rel}: {why}", stacklevel=2)
     report.loaded = len(tensors)
-    return ImageSet(ids=ids, pixels=torch.stack(tensors), captions=captions), report
+    return ImageSet(ids=ids, pixels=torch.stack(tensors), captions=captions,
+                    uncropped=None if center_crop else uncropped), report

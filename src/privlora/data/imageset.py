@@ -21,10 +21,19 @@ class ImageSet:
     ids: list[str]
     pixels: torch.Tensor
     captions: list[str]
+    #: the images before cropping (shorter side = resolution, ``[C, H, W]`` each), kept only for training's
+    #: random crop (``data.center_crop: false``); ``pixels`` holds their centre crops. None: ``pixels``.
+    uncropped: list[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.ids) == len(self.captions) == self.pixels.shape[0]):
             raise ValueError("ids, captions and pixels must have the same length")
+        if self.uncropped is not None and len(self.uncropped) != len(self.ids):
+            raise ValueError("uncropped must hold one image per sample")
+
+    def uncropped_image(self, i: int) -> torch.Tensor:
+        """Sample ``i`` before cropping (its pixels where no uncropped copy is kept)."""
+        return self.pixels[i] if self.uncropped is None else self.uncropped[i]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -36,6 +45,7 @@ class ImageSet:
             ids=[self.ids[i] for i in indices],
             pixels=self.pixels.index_select(0, index) if indices else self.pixels[:0],
             captions=[self.captions[i] for i in indices],
+            uncropped=None if self.uncropped is None else [self.uncropped[i] for i in indices],
         )
 
     def batches(self, size: int) -> Iterator[dict[str, Any]]:
@@ -58,8 +68,12 @@ class ImageSet:
         if len(self) and len(other) and self.pixels.shape[1:] != other.pixels.shape[1:]:
             raise ValueError(f"images of shape {tuple(other.pixels.shape[1:])} cannot join a set of "
                              f"{tuple(self.pixels.shape[1:])}")
+        uncropped = None
+        if self.uncropped is not None or other.uncropped is not None:
+            uncropped = [*(self.uncropped_image(i) for i in range(len(self))),
+                         *(other.uncropped_image(i).to(self.pixels) for i in range(len(other)))]
         return ImageSet(ids=[*self.ids, *other.ids], pixels=torch.cat([self.pixels, other.pixels.to(self.pixels)]),
-                        captions=[*self.captions, *other.captions])
+                        captions=[*self.captions, *other.captions], uncropped=uncropped)
 
     def by_ids(self, wanted: list[str]) -> ImageSet:
         """Subset by id, in the order given."""

@@ -32,6 +32,23 @@ class DiffusionTask(ABC):
     def __init__(self, lora: LoraSpec | None, *, seed: int) -> None:
         self.lora = lora
         self._lora_params = add_lora(self.model, lora, seed=seed) if lora is not None else []
+        self._bank: _NoiseBank | None = None
+
+    def enable_gradient_checkpointing(self) -> None:
+        """diffusers' activation recomputation in the UNet's blocks (``--gradient-checkpointing``)."""
+        self.model.enable_gradient_checkpointing()
+
+    @contextmanager
+    def logical_batch(self, size: int, generator: torch.Generator) -> Iterator[None]:
+        """Inside, the training draws of timesteps and noise (``generator``, no given timesteps) come from
+        one draw for ``size`` samples, handed out in order: a logical batch processed in chunks
+        (gradient accumulation) then sees exactly the numbers one batch of ``size`` would, and a single
+        chunk sees what it always did."""
+        self._bank = _NoiseBank(size, generator, int(self.scheduler.config.num_train_timesteps))
+        try:
+            yield
+        finally:
+            self._bank = None
 
     # --- what a subclass provides -------------------------------------------------------------
     @abstractmethod
@@ -52,6 +69,9 @@ class DiffusionTask(ABC):
                        timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Random (or given) timesteps and Gaussian noise for ``x0``; drawn on CPU so seeds match."""
         n = x0.shape[0]
+        bank = getattr(self, "_bank", None)
+        if bank is not None and timesteps is None and generator is bank.generator:
+            return bank.take(x0)
         if timesteps is None:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
@@ -156,3 +176,25 @@ class DiffusionTask(ABC):
     @abstractmethod
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Model space (pixels or latents) → pixels in ``[-1, 1]``."""
+
+
+class _NoiseBank:
+    """Timesteps and noise for a logical batch, drawn once (as :meth:`DiffusionTask.sample_t_noise` would
+    for the whole batch) when the first chunk asks, then sliced chunk by chunk."""
+
+    def __init__(self, size: int, generator: torch.Generator, timesteps: int) -> None:
+        self.size, self.generator, self.timesteps = size, generator, timesteps
+        self.t: torch.Tensor | None = None
+        self.noise: torch.Tensor | None = None
+        self.position = 0
+
+    def take(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.t is None:
+            self.t = torch.randint(0, self.timesteps, (self.size,), generator=self.generator)
+            self.noise = torch.randn((self.size, *x0.shape[1:]), generator=self.generator, dtype=x0.dtype)
+        assert self.noise is not None
+        n, start = x0.shape[0], self.position
+        if start + n > self.size:
+            raise RuntimeError(f"logical batch of {self.size} asked for samples {start}..{start + n}")
+        self.position += n
+        return self.t[start:start + n].to(x0.device), self.noise[start:start + n].to(x0.device, x0.dtype)

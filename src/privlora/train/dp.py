@@ -41,8 +41,10 @@ class PrivateTraining:
     """Wraps a Task and its optimizer for DP-SGD; samples Poisson batches; tracks ε."""
 
     def __init__(self, task: DiffusionTask, optimizer: torch.optim.Optimizer, params: DPParameters, *,
-                 n: int, seed: int, gradient_canaries: GradientCanaryHook | None = None) -> None:
-        self.task, self.params, self.n = task, params, n
+                 n: int, seed: int, gradient_canaries: GradientCanaryHook | None = None,
+                 accumulation: int = 1, physical_batch: int | None = None) -> None:
+        self.task, self.params, self.n, self.accumulation = task, params, n, accumulation
+        self.physical_batch = physical_batch
         task.denoiser = GradSampleModule(task.model, force_functorch=True, loss_reduction="mean")
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=params.noise_multiplier,
                                      max_grad_norm=params.max_grad_norm,
@@ -106,6 +108,15 @@ class PrivateTraining:
         self.optimizer.generator.set_state(state["noise_generator"])
         self.steps_taken = int(state["steps_taken"])
 
+    def accumulate(self) -> None:
+        """A physical chunk of the logical batch that is not its last: clip its per-sample gradients into
+        the running sum (``p.summed_grad``) and clear them — no noise, no update, no step accounted. The
+        logical batch's last chunk then calls :meth:`step`, which adds the noise once and divides by the
+        logical batch's expected size (Opacus' virtual steps, as its BatchMemoryManager does)."""
+        self.optimizer.signal_skip_step(do_skip=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self, *, empty_batch: bool = False) -> None:
         """Clip, add noise, update. An empty Poisson batch still takes a noise-only step (the accountant
         counts it): Opacus is given zero-length per-sample gradients, as its own DataLoader would."""
@@ -130,9 +141,13 @@ class PrivateTraining:
                 "library": "opacus", "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
                 "sample_rate": p.sample_rate, "expected_batch_size": p.sample_rate * self.n,
                 "dataset_size": self.n, "steps": self.steps_taken, "delta": p.delta,
+                "gradient_accumulation_steps": self.accumulation,
+                "physical_batch_size": self.physical_batch,
                 "accountant": p.accountant, "epsilon": self.epsilon(),
                 "epsilon_rdp": self.epsilon("rdp"), "epsilon_prv": self.epsilon("prv"),
-                "sampling": f"poisson, q={p.sample_rate:.6g} (each sample joins a batch independently)",
+                "sampling": f"poisson, q={p.sample_rate:.6g} (each sample joins a batch independently)"
+                + (f"; one logical batch per step, processed in {self.accumulation} expected physical chunks, "
+                   "noised once" if self.accumulation > 1 else ""),
                 "neighbouring": accounting.SAMPLE_NEIGHBOURS,
                 "unit": "sample-level (add/remove one training sample)"}
 

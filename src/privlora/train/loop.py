@@ -7,6 +7,7 @@ objective (plain / MP / SMP) and, for ``dp``, wrap the optimizer with DP-SGD →
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -27,11 +28,14 @@ from privlora.progress import progress_bar
 from privlora.runs import rename_dir, write_json_atomic
 from privlora.tasks.diffusion import DiffusionTask
 from privlora.tasks.lora import LoraSpec
+from privlora.train.augment import Augmenter
 from privlora.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from privlora.train.data import load_task_and_data
 from privlora.train.dp import GradientCanaryHook, PrivateTraining, resolve
 from privlora.train.objectives import OBJECTIVES, Objective
+from privlora.train.precision import Precision
 from privlora.train.privacy_stop import PrivacyStop
+from privlora.train.schedule import make_scheduler
 from privlora.train.text_utility import measure_text_utility
 from privlora.train.utility import measure_utility
 
@@ -267,18 +271,30 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
                 held_out: ImageSet, out: Path, run: Path, start: float,
                 gradient_canaries: GradientCanaryHook | None = None) -> TrainResult:
     opts = config.optim
+    accumulation = opts.gradient_accumulation_steps
     objective: Objective = OBJECTIVES[config.mode](task, members=members, aux=aux, options=config.mp,
                                                    batch_size=opts.batch_size)
+    if opts.gradient_checkpointing:
+        task.enable_gradient_checkpointing()
     params = task.trainable_parameters()
     guard = PrivacyStop(config, task, members, aux, params)  # privacy-aware early stop; inert when off
     optimizer = _make_optimizer(config, params)
+    scheduler = make_scheduler(optimizer, opts)  # on the inner optimizer: DP's wrapper shares its groups
+    precision = Precision(opts.mixed_precision, torch.device(str(task.device)))
+    augment = Augmenter(config.data, seed=config.seed)
     private = None
     if config.mode == "dp":
-        dp_params = resolve(config.dp, n=len(members), batch_size=opts.batch_size, steps=opts.max_steps)
+        # one logical batch per step: expected size K·B, so q = K·B/N is what is sampled and accounted
+        dp_params = resolve(config.dp, n=len(members), batch_size=opts.batch_size * accumulation,
+                            steps=opts.max_steps)
         private = PrivateTraining(task, optimizer, dp_params, n=len(members), seed=config.seed,
-                                  gradient_canaries=gradient_canaries)
+                                  gradient_canaries=gradient_canaries, accumulation=accumulation,
+                                  physical_batch=opts.batch_size)
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = _Sampler(len(members), opts.batch_size, generator, private)
+    sampler = _Sampler(len(members), opts.batch_size * accumulation, generator, private)
+    step_parts = _StepParts(task, objective, private, optimizer, params, sampler, members, generator,
+                            precision=precision, augment=augment, chunk=opts.batch_size,
+                            grad_clip=opts.grad_clip)
     step = 0
     resumed_at: int | None = None
     if config.resume:
@@ -294,6 +310,10 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
             torch.set_rng_state(state["rng"])
         if private is not None:
             private.load_state_dict(state["private"])
+        if "scheduler" in state:  # checkpoints from before schedules existed: constant lr
+            scheduler.load_state_dict(state["scheduler"])
+        precision.load_state_dict(state.get("scaler", {}))
+        augment.load_state_dict(state.get("augment", {}))
         guard.load_state_dict(state.get("privacy_stop", {}))
         _truncate_metrics(run / "metrics.jsonl", step)
     last_saved: int | None = step if config.resume else None
@@ -307,7 +327,8 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
                               "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
                               "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
                               "private": private.state_dict() if private is not None else {},
-                              "privacy_stop": guard.state_dict()})
+                              "privacy_stop": guard.state_dict(), "scheduler": scheduler.state_dict(),
+                              "scaler": precision.state_dict(), "augment": augment.state_dict()})
         last_saved, saved_at = step, time.monotonic()
 
     def due() -> bool:
@@ -317,16 +338,24 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
             every_seconds > 0 and time.monotonic() - saved_at >= every_seconds)
 
     last_loss, ema = float("nan"), None
+    checked = False  # has the no-dead-gradient check passed (plain/MP/SMP once; DP on a non-empty batch)?
+    updated = False  # has an update with lr > 0 happened yet (only then can LoRA A's gradient be non-zero)?
     task.train()
     try:
         with (run / "metrics.jsonl").open("a") as metrics, _StopRequest() as stop, \
                 progress_bar(f"train {config.mode}", total=opts.max_steps, completed=step,
                              quiet=config.quiet) as bar:
             while step < opts.max_steps and not guard.stopped:
-                logs = _one_step(task, objective, private, optimizer, params, sampler, members, generator,
-                                 grad_clip=opts.grad_clip,
-                                 # not at step 0: LoRA B starts at zero, so A's gradient is exactly zero
-                                 check=(step == 1) if private is None else (step >= 1))
+                lr = float(optimizer.param_groups[0]["lr"])  # the rate this update uses
+                # not before an update has moved the weights: LoRA B starts at zero, so A's gradient is exactly
+                # zero until then (step 0, and every step of a warmup that starts at lr 0). Counted by updates,
+                # not by B ≠ 0: a B that never gets a gradient stays zero, and that is what the check must catch.
+                check = not checked and updated
+                logs = _one_step(step_parts, check=check)
+                checked = checked or (check and (private is None or private.checked))
+                updated = updated or lr > 0
+                scheduler.step()
+                logs["lr"] = lr
                 step += 1
                 last_loss = logs.get("loss", last_loss)
                 ema = last_loss if ema is None else 0.9 * ema + 0.1 * last_loss
@@ -393,30 +422,83 @@ def _finish(config: TrainConfig, task: DiffusionTask, private: PrivateTraining |
                        resumed_at=resumed_at)
 
 
-def _one_step(task: DiffusionTask, objective: Objective, private: PrivateTraining | None,
-              optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], sampler: _Sampler,
-              members: ImageSet, generator: torch.Generator, *, grad_clip: float | None,
-              check: bool) -> dict[str, float]:
-    indices = sampler.next()
-    if private is not None:
-        private.zero_grad()
-        logs: dict[str, float] = {"batch": float(len(indices))}
-        if indices:  # an empty Poisson batch still takes a (noise-only) step, as the accountant assumes
-            losses = objective.per_sample_loss(members.batch(indices), generator)
-            losses.mean().backward()
-            logs["loss"] = losses.mean().item()
-            if check and not private.checked:  # the first non-empty Poisson batch after step 0
-                private.check_grad_samples()
-        private.step(empty_batch=not indices)
+@dataclass
+class _StepParts:
+    """What one update reads and changes (built once per run by :func:`_train_loop`)."""
+
+    task: DiffusionTask
+    objective: Objective
+    private: PrivateTraining | None
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    sampler: _Sampler
+    members: ImageSet
+    generator: torch.Generator
+    precision: Precision
+    augment: Augmenter
+    chunk: int  # the physical batch: --batch-size
+    grad_clip: float | None
+
+
+def _chunks(batch: dict[str, Any], n: int, size: int) -> list[tuple[dict[str, Any], int]]:
+    """The logical batch of ``n`` samples cut into physical chunks of ``size``, each with its count
+    (every value of a batch — pixel tensor, captions, texts, labels — is sliced alike)."""
+    return [({k: v[i:i + size] for k, v in batch.items()}, min(size, n - i)) for i in range(0, n, size)]
+
+
+def _one_step(s: _StepParts, *, check: bool) -> dict[str, float]:
+    """One update from one logical batch (``gradient_accumulation_steps`` × ``batch_size`` samples, or
+    one Poisson draw at q = K·B/N under DP), processed in chunks of ``batch_size``."""
+    indices = s.sampler.next()
+    batch = s.augment.batch(s.members, indices)
+    logical = getattr(s.task, "logical_batch", None)
+    same_noise = logical(len(indices), s.generator) if logical is not None else contextlib.nullcontext()
+    with same_noise:
+        if s.private is not None:
+            return _private_step(s, batch, len(indices), check=check)
+        logs = _plain_step(s, batch, len(indices), check=check)
+    return {**logs, **s.objective.after_step(s.generator)}  # the proxy attacker's turn, its own draws
+
+
+def _private_step(s: _StepParts, batch: dict[str, Any], n: int, *, check: bool) -> dict[str, float]:
+    assert s.private is not None
+    s.private.zero_grad()
+    logs: dict[str, float] = {"batch": float(n)}
+    if not n:  # an empty Poisson batch still takes a (noise-only) step, as the accountant assumes
+        s.private.step(empty_batch=True)
         return logs
-    optimizer.zero_grad(set_to_none=True)
-    result = objective.step_loss(members.batch(indices), generator)
-    result.loss.backward()
+    total = 0.0
+    chunks = _chunks(batch, n, s.chunk)
+    for number, (chunk, _) in enumerate(chunks, start=1):
+        with s.precision.autocast():
+            losses = s.objective.per_sample_loss(chunk, s.generator)
+        losses.mean().backward()  # Opacus undoes the chunk's mean: per-sample gradients as for any chunking
+        total += float(losses.detach().float().sum())
+        if check and not s.private.checked:  # the first non-empty Poisson batch after step 0
+            s.private.check_grad_samples()
+        if number < len(chunks):
+            s.private.accumulate()
+    s.private.step()
+    logs["loss"] = total / n
+    return logs
+
+
+def _plain_step(s: _StepParts, batch: dict[str, Any], n: int, *, check: bool) -> dict[str, float]:
+    s.optimizer.zero_grad(set_to_none=True)
+    logs: dict[str, float] = {}
+    for chunk, size in _chunks(batch, n, s.chunk):
+        weight = size / n  # Σ weight·mean(chunk) = the mean over the logical batch
+        with s.precision.autocast():
+            result = s.objective.step_loss(chunk, s.generator)
+        s.precision.backward(result.loss * weight if weight != 1 else result.loss)
+        for key, value in result.logs.items():
+            logs[key] = logs.get(key, 0.0) + value * weight
     if check:
-        dead = sum(1 for p in params if p.grad is None or not torch.any(p.grad != 0))
+        dead = sum(1 for p in s.params if p.grad is None or not torch.any(p.grad != 0))
         if dead:
             raise RuntimeError(f"{dead} trainable tensors got no gradient; the adapter would not learn")
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    return {**result.logs, **objective.after_step(generator)}
+    s.precision.unscale(s.optimizer)
+    if s.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip)
+    s.precision.step(s.optimizer)
+    return logs
