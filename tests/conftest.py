@@ -59,6 +59,16 @@ def assert_nothing_written(out: Path) -> None:
     assert not out.with_name(out.name + ".partial").exists()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests: two OpenMP threads on a shared 2-core machine
+    oversubscribe on such small convolutions. Speed only; the code under test is the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -21,18 +21,10 @@ from privlora.train.calibrated import CalibratedView, RawErrorView
 from privlora.train.loop import Interrupted, train
 from privlora.train.objectives import MinMaxObjective, SMPObjective
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 SEED = int(os.environ.get("PRIVLORA_TEST_SEED", "0"))  # to try the planted-signal test on other seeds
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _uneven_faces(gen: torch.Generator, resolution: int = 16) -> tuple[ImageSet, torch.Tensor]:

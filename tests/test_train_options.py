@@ -22,18 +22,11 @@ from privlora.train.precision import Precision
 from test_sd import _train_args, sd  # noqa: F401, F811 - sd is a fixture
 from test_training import _assert_same_run, _config, _metrics, _partial, _sigint_during_step
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order",
-                                        "ignore::RuntimeWarning", "ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order",
+                                         "ignore::RuntimeWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 SPEC = LoraSpec(rank=4, alpha=4, targets=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
