@@ -69,9 +69,8 @@ class DiffusionTask(ABC):
                        timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Random (or given) timesteps and Gaussian noise for ``x0``; drawn on CPU so seeds match."""
         n = x0.shape[0]
-        bank = getattr(self, "_bank", None)
-        if bank is not None and timesteps is None and generator is bank.generator:
-            return bank.take(x0)
+        if self._bank is not None and timesteps is None and generator is self._bank.generator:
+            return self._bank.take(x0)
         if timesteps is None:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)

@@ -490,7 +490,7 @@ def _plain_step(s: _StepParts, batch: dict[str, Any], n: int, *, check: bool) ->
         weight = size / n  # Σ weight·mean(chunk) = the mean over the logical batch
         with s.precision.autocast():
             result = s.objective.step_loss(chunk, s.generator)
-        s.precision.backward(result.loss * weight if weight != 1 else result.loss)
+        s.precision.backward(result.loss * weight)  # ×1 is exact: one chunk is unchanged
         for key, value in result.logs.items():
             logs[key] = logs.get(key, 0.0) + value * weight
     if check:
