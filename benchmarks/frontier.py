@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from privlora.audit.one_run import audit_bound
+from privlora.audit.reference_pool import ReferencePool
 from privlora.audit.runner import audit_run
 from privlora.config import load_config
 from privlora.runs import write_json_atomic
@@ -163,8 +164,9 @@ def _reference_dir(overrides: dict[str, Any]) -> str:
 
 
 def run_one(name: str, overrides: dict[str, Any], *, profile: Profile, work: Path, device: str,
-            quiet: bool, train_only: bool = False) -> dict[str, Any] | None:
-    """Train (or reuse, or resume) and audit one row (``train_only``: no audit, no row)."""
+            quiet: bool, train_only: bool = False, pool: ReferencePool | None = None) -> dict[str, Any] | None:
+    """Train (or reuse, or resume) and audit one row (``train_only``: no audit, no row; ``pool``: how missing
+    reference adapters train, one after another or on Ray — the same adapters either way)."""
     out = work / name
     seconds: dict[str, float] = {}
     if not (out / "utility.json").exists():
@@ -185,7 +187,7 @@ def run_one(name: str, overrides: dict[str, Any], *, profile: Profile, work: Pat
         start = time.perf_counter()
         attacks = (*profile.attacks, "lira", "rmia") if profile.attacks else None
         results = audit_run(out, attacks=attacks, references=profile.references,
-                            reference_dir=work / _reference_dir(overrides), quiet=quiet)
+                            reference_dir=work / _reference_dir(overrides), quiet=quiet, pool=pool)
         seconds["audit"] = time.perf_counter() - start
     privacy = json.loads((out / "privacy.json").read_text())
     utility = json.loads((out / "utility.json").read_text())
@@ -247,8 +249,13 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print the row names and exit")
     parser.add_argument("--train-only", action="store_true",
                         help="train the rows but audit none (a second process while the first trains the references)")
+    parser.add_argument("--reference-workers", type=int, default=None, metavar="N",
+                        help="train up to N reference adapters at once as Ray tasks (identical adapters)")
+    parser.add_argument("--ray-address", default=None, help="train the references on this Ray cluster")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args()
+    pool = ReferencePool(workers=args.reference_workers, address=args.ray_address)
+    pool.check()
     profile_name = args.profile or ("full" if args.device.startswith("cuda") else "cpu")
     profile = PROFILES[profile_name]
     planned = runs(profile)
@@ -261,7 +268,7 @@ def main() -> None:
             continue
         print(f"== {name}", flush=True)
         r = run_one(name, overrides, profile=profile, work=work, device=args.device, quiet=args.quiet,
-                    train_only=args.train_only)
+                    train_only=args.train_only, pool=pool)
         if r is None:
             continue
         r["profile"] = profile_name

@@ -27,6 +27,7 @@ import torch
 
 from privlora.audit.attacks import BATCH
 from privlora.audit.provenance import sha256_file
+from privlora.audit.reference_pool import ReferenceJob, ReferencePool
 from privlora.data.imageset import ImageSet
 from privlora.data.splits import Splits
 from privlora.errors import UserError
@@ -75,10 +76,11 @@ def _halves(population: list[str], k: int, seed: int) -> list[list[str]]:
 
 
 def ensure_references(config: Any, population: list[str], *, k: int, directory: Path, seed: int = 0,
-                      quiet: bool = True) -> References:
-    """Load ``k`` reference adapters from ``directory``, training the missing ones first."""
-    from privlora.train.loop import train
+                      quiet: bool = True, pool: ReferencePool | None = None) -> References:
+    """Load ``k`` reference adapters from ``directory``, training the missing ones first.
 
+    ``pool`` says how the missing ones train (default: one after another here; or as Ray tasks, with the
+    same configs and splits, so the adapters are the same — :mod:`privlora.audit.reference_pool`)."""
     directory = Path(directory)
     identity = _identity(config, population)
     manifest = directory / MANIFEST
@@ -95,6 +97,7 @@ def ensure_references(config: Any, population: list[str], *, k: int, directory: 
         # plain run's); later runs reuse them as they are and report that recipe
         recipe = saved.get("recipe", recipe)
     optim = type(config.optim).model_validate(recipe["optim"])
+    jobs = []
     for i, members in enumerate(inside):
         out = directory / f"ref-{i}"
         if (out / "adapter").is_dir():
@@ -106,10 +109,9 @@ def ensure_references(config: Any, population: list[str], *, k: int, directory: 
             "eval": config.eval.model_copy(update={"samples": 0, "timesteps": (200,)}),
             # references have no aux split to probe; they train the recipe's full max_steps
             "privacy_stop": config.privacy_stop.model_copy(update={"every": None})})
-        if not quiet:
-            print(f"training reference adapter {i + 1}/{len(inside)} on {len(members)} images → {out}")
-        train(ref_config, splits=Splits(members=members, aux=[], eval=[], source=config.data.source,
-                                        seed=seed * 1000 + i))
+        jobs.append(ReferenceJob(index=i, of=len(inside), config=ref_config, splits=Splits(
+            members=members, aux=[], eval=[], source=config.data.source, seed=seed * 1000 + i)))
+    (pool or ReferencePool()).train(jobs, quiet=quiet)
     write_json_atomic(manifest, {"identity": identity, "seed": seed, "inside": inside, "recipe": recipe})
     return References(directory=directory, population=population, inside=inside, recipe=recipe)
 

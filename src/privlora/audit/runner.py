@@ -26,6 +26,7 @@ from privlora.audit import references as refs_mod
 from privlora.audit.kinds import AUDIT_KINDS, AuditKind
 from privlora.audit.metrics import summarize
 from privlora.audit.provenance import provenance
+from privlora.audit.reference_pool import ReferencePool
 from privlora.errors import UserError
 from privlora.runs import atomic_file, require_run_dir, write_json_atomic
 
@@ -169,10 +170,12 @@ def score_run(loaded: LoadedRun, attacks: tuple[str, ...], *, seed: int,
 
 def audit_run(run: Path, *, attacks: tuple[str, ...] | None = None, references: int = 0,
               reference_dir: Path | None = None, fprs: tuple[float, ...] | None = None, seed: int = 0,
-              quiet: bool = True, loaded: LoadedRun | None = None, extraction: int = 0) -> dict[str, Any]:
+              quiet: bool = True, loaded: LoadedRun | None = None, extraction: int = 0,
+              pool: ReferencePool | None = None) -> dict[str, Any]:
     """Score, summarise and write ``<run>/audit/``; returns the contents of results.json.
 
-    ``attacks`` None: every model-only attack of the run's task (image: loss, secmi, pia, sima; text: loss)."""
+    ``attacks`` None: every model-only attack of the run's task (image: loss, secmi, pia, sima; text: loss).
+    ``pool``: how missing reference adapters train (one after another, or on Ray; the same adapters)."""
     run = Path(run)
     loaded = loaded or load_run(run, tasks=tuple(AUDIT_KINDS))
     kind = loaded.kind
@@ -187,7 +190,7 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] | None = None, references: 
         population = [*members.ids, *held_out.ids]
         refs = refs_mod.ensure_references(loaded.config, population, k=references,
                                           directory=Path(reference_dir or run / "references"), seed=seed,
-                                          quiet=quiet)
+                                          quiet=quiet, pool=pool)
     labels = np.r_[np.ones(len(members), int), np.zeros(len(held_out), int)]
     columns, seconds = score_run(loaded, attacks, seed=seed, refs=refs)
     results: dict[str, Any] = {

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from privlora.audit.kinds import AUDIT_KINDS
+from privlora.audit.reference_pool import ReferencePool
 from privlora.audit.references import ensure_references
 from privlora.audit.report import print_table, write_report
 from privlora.audit.runner import audit_run, check_request, load_run
@@ -48,7 +49,7 @@ def default_report_path(runs: list[Path]) -> Path:
 
 def audit_session(runs: list[Path], *, attacks: tuple[str, ...] | None, references: int, reference_dir: Path | None,
                   fprs: tuple[float, ...] | None, extraction: int, report: Path | None, seed: int, quiet: bool,
-                  echo: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+                  echo: Callable[[str], Any] = print, pool: ReferencePool | None = None) -> list[dict[str, Any]]:
     runs = [Path(r) for r in runs]
     if len({r.resolve() for r in runs}) != len(runs):
         raise UserError("the same run directory is given twice")
@@ -66,13 +67,13 @@ def audit_session(runs: list[Path], *, attacks: tuple[str, ...] | None, referenc
         # there is one (a sweep sorts by name, so the first run may be DP or SMP), else of the first run
         recipe = next((lr for lr in loaded if lr.config.mode == "plain"), loaded[0])
         ensure_references(recipe.config, [*recipe.members.ids, *recipe.held_out.ids], k=references,
-                          directory=reference_dir, seed=seed, quiet=quiet)
+                          directory=reference_dir, seed=seed, quiet=quiet, pool=pool)
     all_results = []
     for run, lr in zip(runs, loaded, strict=True):
         if not quiet:
             echo(f"auditing {run} ({len(lr.members)} members vs {len(lr.held_out)} evaluation non-members)")
         results = audit_run(run, attacks=attacks, references=references, reference_dir=reference_dir,
-                            fprs=fprs, seed=seed, quiet=quiet, loaded=lr, extraction=extraction)
+                            fprs=fprs, seed=seed, quiet=quiet, loaded=lr, extraction=extraction, pool=pool)
         all_results.append(results)
     path = write_report(all_results, report or default_report_path(runs),
                         extra_images={"LoRA spectrum (ΔW = B·A per layer)": spectrum_image(runs)})

@@ -26,6 +26,15 @@ def audit(
                                    "members ∪ evaluation non-members for LiRA and RMIA (K even; 0: none)."),
     reference_dir: Path = typer.Option(None, "--reference-dir", help="Where reference adapters live and are "
                                        "reused (default: FIRST_RUN/references)."),
+    reference_workers: int = typer.Option(None, "--reference-workers", metavar="N", show_default=False,
+                                          help="Train up to N reference adapters at once as Ray tasks (a local "
+                                          "Ray, or --ray-address); default 1: one after another here. Each "
+                                          "reference keeps its seed and half, so the adapters and "
+                                          "references.json are identical to training them one by one."),
+    ray_address: str = typer.Option(None, "--ray-address", metavar="ADDRESS", help="Train the reference "
+                                    "adapters on this Ray cluster (HOST:PORT, ray://HOST:PORT or auto), all at "
+                                    "once unless --reference-workers; --reference-dir must be on storage every "
+                                    "node shares. Same adapters as sequential training."),
     fpr: str = typer.Option(None, help="FPRs for TPR@FPR, e.g. 0.01,0.001 (default: those the data allows)."),
     extraction: int = typer.Option(0, "--extraction", help="Also generate N images and look for training-image "
                                    "copies (Carlini et al. 2023); 0: skip."),
@@ -54,15 +63,23 @@ def audit(
     adapter and with the base model alone (the control: what chance and image difficulty give). Writes
     RUN_DIR/audit/scores.csv (one row per image) and results.json (AUC with bootstrap interval, balanced
     accuracy, TPR at low FPR, empirical ε lower bound), prints a table and writes one HTML report.
-    Reference adapters (--references) are trained once, with a plain run's recipe when one is audited, and reused.
+    Reference adapters (--references) are trained once, with a plain run's recipe when one is audited, and reused;
+    --reference-workers N trains N at once on Ray (the same adapters as one after another).
 
     Example: privlora audit runs/plain runs/dp --references 2
 
+    In parallel: privlora audit runs/plain --references 8 --reference-workers 4
+
     One-run DP audit: privlora audit runs/dp --dp-canaries 64
     """
+    from privlora.audit.reference_pool import ReferencePool
     from privlora.audit.session import audit_session, sweep_runs
 
     offline_defaults()
+    pool = ReferencePool(workers=reference_workers, address=ray_address)
+    if (reference_workers is not None or ray_address is not None) and not references:
+        raise UserError("--reference-workers and --ray-address train reference adapters: add --references K")
+    pool.check()
     runs = run_list(run, run_alias)
     if sweep is not None:
         runs += sweep_runs(sweep)
@@ -93,7 +110,7 @@ def audit(
         except ValueError:
             raise UserError(f"--fpr expects numbers like 0.01,0.001, got {fpr!r}") from None
     audit_session(runs, attacks=names, references=references, reference_dir=reference_dir, fprs=fprs,
-                  extraction=extraction, report=report, seed=seed, quiet=quiet, echo=typer.echo)
+                  extraction=extraction, report=report, seed=seed, quiet=quiet, echo=typer.echo, pool=pool)
 
 
 @one_line_errors
