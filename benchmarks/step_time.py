@@ -41,8 +41,10 @@ def worker(name: str, steps: int, warmup: int) -> dict[str, float]:
     from privlora.data.demo import faces
     from privlora.tasks.loading import load_task
     from privlora.train import loop
+    from privlora.train.augment import Augmenter
     from privlora.train.dp import PrivateTraining, resolve
     from privlora.train.objectives import OBJECTIVES
+    from privlora.train.precision import Precision
 
     torch.manual_seed(0)
     config = load_config(None, {**MODES[name], "optim.batch_size": 16, "quiet": True})
@@ -59,12 +61,14 @@ def worker(name: str, steps: int, warmup: int) -> dict[str, float]:
                                   n=32, seed=0)
     gen = torch.Generator().manual_seed(0)
     sampler = loop._Sampler(32, 16, gen, private)
+    parts = loop._StepParts(task, objective, private, optimizer, params, sampler, members, gen,
+                            precision=Precision(config.optim.mixed_precision, torch.device("cpu")),
+                            augment=Augmenter(config.data, seed=0), chunk=16, grad_clip=config.optim.grad_clip)
     task.train()
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
-        loop._one_step(task, objective, private, optimizer, params, sampler, members, gen,
-                       grad_clip=config.optim.grad_clip, check=False)
+        loop._one_step(parts, check=False)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "mean_s": statistics.mean(times),

@@ -138,10 +138,18 @@ def _load_sd(base: str, lora: LoraSpec | None, *, seed: int, use_safetensors: bo
         from diffusers import StableDiffusionPipeline
 
         from privlora.tasks.sd import StableDiffusionTask
+        from privlora.tasks.sdxl import StableDiffusionXLTask, is_sdxl
 
+        sdxl = is_sdxl(base)  # two text encoders and added conditioning: its own pipeline class and Task
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(base, use_safetensors=use_safetensors,
-                                                           safety_checker=None, requires_safety_checker=False)
+            if sdxl:
+                from diffusers import StableDiffusionXLPipeline
+
+                pipe = StableDiffusionXLPipeline.from_pretrained(base, use_safetensors=use_safetensors,
+                                                                 add_watermarker=False)
+            else:
+                pipe = StableDiffusionPipeline.from_pretrained(base, use_safetensors=use_safetensors,
+                                                               safety_checker=None, requires_safety_checker=False)
         except (OSError, ValueError) as e:
             hint = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -152,7 +160,8 @@ def _load_sd(base: str, lora: LoraSpec | None, *, seed: int, use_safetensors: bo
             raise UserError(f"cannot load Stable Diffusion pipeline {base!r}{hint}: "
                             f"{first}{pickle}") from None
     pipe.set_progress_bar_config(disable=True)
-    return StableDiffusionTask(pipe, lora, base_name=base, seed=seed)
+    task_class = StableDiffusionXLTask if sdxl else StableDiffusionTask
+    return task_class(pipe, lora, base_name=base, seed=seed)
 
 
 def _load_unet2d(base: str, lora: LoraSpec | None, *, seed: int,
