@@ -189,7 +189,11 @@ def test_target_epsilon_flag_replaces_a_noise_multiplier_from_set(tmp_path):
     assert_nothing_written(out)
 
 
-def test_multi_process_launch_is_refused_not_raced(tmp_path, monkeypatch):
+def test_world_size_without_a_launcher_is_refused_not_raced(tmp_path, monkeypatch):
+    """WORLD_SIZE > 1 but no torchrun/accelerate environment (RANK, MASTER_ADDR, ...): a one-line error,
+    not two processes that each train alone (tests/test_distributed.py runs real launches)."""
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "run"
     assert_one_line_error(run_cli("train", "--max-steps", "1", "--out", str(out), *FAST), "WORLD_SIZE=2")

@@ -40,11 +40,18 @@ class DataOptions(Strict):
     center_crop: bool = True
     random_flip: bool = False  # horizontal flip with probability ½ per sample and step (training only)
     limit: int | None = Field(None, ge=4)  # a fixed random sample of this many images or rows (demo:tweets has 38k)
+    #: Stable Diffusion: keep the frozen VAE's latents and text encoder's states on disk, keyed by the exact
+    #: input and the encoders' weights (privlora.tasks.latent_cache); refused with a random crop
+    cache_latents: bool = False
+    cache_dir: Path | None = None  # None: $XDG_CACHE_HOME/privlora (~/.cache/privlora)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataOptions:
         if self.members + self.aux + self.eval > 1.0 + 1e-9:
             raise ValueError(f"members + aux + eval = {self.members + self.aux + self.eval:.3f} > 1")
+        if self.cache_latents and not self.center_crop:
+            raise ValueError("data.cache_latents cannot run with a random crop (data.center_crop: false): every "
+                             "step crops anew, so no latent repeats; use the centre crop (random flip is fine)")
         return self
 
 
@@ -54,6 +61,9 @@ class OptimOptions(Strict):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(16, ge=1)
     max_steps: int = Field(400, ge=1)
+    #: diffusers' name: when set, max_steps = ceil(epochs · N / min(K·B, N)) for N members (under DP the
+    #: expected number of Poisson batches in N/(K·B) epochs); overrides max_steps (privlora.train.epochs)
+    num_train_epochs: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)  # global-norm clip for non-DP modes
     #: micro-batches of ``batch_size`` per update (plain/MP/SMP: one update of K×B samples); under DP one
     #: logical Poisson batch with q = K·B/N, processed in physical chunks of ``batch_size``, noised once
@@ -103,6 +113,14 @@ class EvalOptions(Strict):
     sample_steps: int = Field(50, ge=1)
 
 
+class ValidationOptions(Strict):
+    """Sample images from the current adapter during training (diffusers' ``--validation_prompt``)."""
+
+    prompt: str | None = None  # None: no validation images; ignored (with a note) on unconditional bases
+    steps: int = Field(100, ge=1)  # every this many steps: <run>/validation/step-<k>.png
+    images: int = Field(4, ge=1, le=64)  # images in each grid
+
+
 class PrivacyStopOptions(Strict):
     """Privacy-aware early stopping (``privlora.train.privacy_stop``): every ``every`` steps a base-calibrated
     loss attack scores a probe of training members against aux non-members; once its advantage
@@ -138,6 +156,7 @@ class TrainConfig(Strict):
     mp: MPOptions = MPOptions()
     eval: EvalOptions = EvalOptions()
     privacy_stop: PrivacyStopOptions = PrivacyStopOptions()
+    validation: ValidationOptions = ValidationOptions()
 
     @model_validator(mode="after")
     def _supported(self) -> TrainConfig:
@@ -151,6 +170,8 @@ class TrainConfig(Strict):
                              "per-sample gradients of recomputed blocks (measured: 37 of 100 LoRA tensors)")
         if self.task == "text" and (o.gradient_checkpointing or self.data.random_flip or not self.data.center_crop):
             raise ValueError("gradient checkpointing, random flip and random crop are for image runs only")
+        if self.task == "text" and (self.data.cache_latents or self.validation.prompt is not None):
+            raise ValueError("data.cache_latents and validation images are for image runs only")
         return self
 
     @model_validator(mode="after")

@@ -31,6 +31,10 @@ def train(
                              "sentence classifier on demo:tweets or a CSV/JSONL with text,label)."),
     out: Path = typer.Option(None, help="Run directory to create (written atomically)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Number of LoRA updates."),
+    num_train_epochs: int = typer.Option(
+        None, "--num-train-epochs", help="Instead of --max-steps: N passes over the members, i.e. "
+        "ceil(N × members / (K×B)) updates. dp: an epoch is the expected members/(K×B) Poisson batches "
+        "(each member sampled once per epoch on average, not exactly once)."),
     base: str = typer.Option(None, help="'embedded', a diffusers folder or model id (UNet2DModel or SD)."),
     data: str = typer.Option(None, help="demo:faces | demo:digits | demo:idcards | image folder with "
                              "captions; text: demo:tweets | CSV/JSONL file."),
@@ -74,6 +78,20 @@ def train(
     max_advantage: float = typer.Option(None, "--max-advantage", help="Privacy stop: bound on the probe attack's "
                                         "advantage 2·AUC−1 (default 0.1); the last adapter under it is kept."),
     prompt: str = typer.Option(None, help="SD path: caption for images that have none."),
+    cache_latents: bool = typer.Option(False, "--cache-latents", help="SD path: keep the frozen VAE latents and "
+                                       "text-encoder states on disk, keyed by image, caption and encoder weights, "
+                                       "and reuse them across runs. Refused with --random-crop (every crop is new); "
+                                       "--random-flip caches both orientations. The files decode back to the images: "
+                                       "keep them where the private data may live."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Folder of the --cache-latents files (default "
+                                   "$XDG_CACHE_HOME/privlora, i.e. ~/.cache/privlora)."),
+    validation_prompt: str = typer.Option(None, "--validation-prompt", help="Every --validation-steps write "
+                                          "<out>/validation/step-<k>.png sampled from the current adapter "
+                                          "(unconditional bases: ignored, images sampled without it)."),
+    validation_steps: int = typer.Option(None, "--validation-steps", help="Steps between validation grids "
+                                         "(default 100)."),
+    num_validation_images: int = typer.Option(None, "--num-validation-images", help="Images per validation "
+                                              "grid (default 4)."),
     device: str = typer.Option(None, help="cpu | cuda | cuda:N"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickle weights for the base."),
@@ -81,7 +99,7 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Any config key, e.g. --set optim.weight_decay=0.01."),
 ) -> None:
     """Train a LoRA adapter: plain, DP-LoRA (Opacus), MP-LoRA or SMP-LoRA; writes a run directory."""
-    from privlora.config import load_config
+    from privlora.config import CLEAR, load_config
 
     offline_defaults()
     named: dict[str, Any] = {
@@ -95,13 +113,26 @@ def train(
         "optim.lr_warmup_steps": lr_warmup_steps, "optim.mixed_precision": mixed_precision,
         "optim.gradient_checkpointing": gradient_checkpointing or None, "data.resolution": resolution,
         "data.center_crop": _crop(center_crop, random_crop), "data.random_flip": random_flip or None,
+        # --max-steps replaces a config file's epochs, as --num-train-epochs replaces its max_steps
+        "optim.num_train_epochs": CLEAR if max_steps is not None else num_train_epochs,
+        "data.cache_latents": cache_latents or None,
+        "data.cache_dir": str(cache_dir) if cache_dir else None, "validation.prompt": validation_prompt,
+        "validation.steps": validation_steps, "validation.images": num_validation_images,
         "prompt": prompt, "device": device, "resume": resume or None, "trust_pickle": trust_pickle or None,
         "quiet": quiet or None,
     }
+    if max_steps is not None and num_train_epochs is not None:
+        from privlora.errors import UserError
+
+        raise UserError("give --max-steps or --num-train-epochs, not both")
     settings = load_config(config, overrides(named, set_))  # bad keys fail here, before torch is imported
     from privlora.train.loop import train as run_training
 
     result = run_training(settings)
+    from privlora.train.distributed import is_main_process
+
+    if not is_main_process():  # torchrun / accelerate launch: rank 0 reports, once
+        return
     eps = result.privacy.get("epsilon")
     privacy = (f"ε={eps:.3g} (δ={result.privacy['delta']:.2g})" if isinstance(eps, float)
                else result.privacy["mechanism"])

@@ -39,12 +39,14 @@ class DiffusionTask(ABC):
         self.model.enable_gradient_checkpointing()
 
     @contextmanager
-    def logical_batch(self, size: int, generator: torch.Generator) -> Iterator[None]:
+    def logical_batch(self, size: int, generator: torch.Generator, start: int = 0) -> Iterator[None]:
         """Inside, the training draws of timesteps and noise (``generator``, no given timesteps) come from
         one draw for ``size`` samples, handed out in order: a logical batch processed in chunks
         (gradient accumulation) then sees exactly the numbers one batch of ``size`` would, and a single
-        chunk sees what it always did."""
+        chunk sees what it always did. ``start``: hand out from that sample on (a data-parallel process's
+        shard of the global batch, :mod:`privlora.train.distributed`)."""
         self._bank = _NoiseBank(size, generator, int(self.scheduler.config.num_train_timesteps))
+        self._bank.position = start
         try:
             yield
         finally:

@@ -6,6 +6,8 @@ The training target follows the pipeline scheduler's ``prediction_type`` (ε, or
 SD 2.x 768 models, or ``sample``), as diffusers' own LoRA script does; ``predict_noise`` always returns ε
 so the loss-based attacks see one quantity for every base.
 The adapter is written with ``unet.`` keys, which ``StableDiffusionPipeline.load_lora_weights`` reads.
+Attention runs through PyTorch's fused ``scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``);
+with ``--cache-latents`` the frozen encoders' outputs come from :mod:`privlora.tasks.latent_cache`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors.torch import save_file
 from privlora.errors import UserError
 from privlora.runs import atomic_file
 from privlora.tasks.diffusion import DiffusionTask
+from privlora.tasks.latent_cache import EncoderCache, module_identity, numerics
 from privlora.tasks.lora import DIFFUSERS_WEIGHTS, LoraSpec
 
 #: safetensors metadata key diffusers' ``load_lora_weights`` reads the LoraConfig from (rank, alpha, targets)
@@ -50,7 +53,18 @@ class StableDiffusionTask(DiffusionTask):
             frozen.requires_grad_(False)
             frozen.eval()
         self._text_cache: dict[str, torch.Tensor] = {}
+        self._latent_store: EncoderCache | None = None  # on-disk caches, set by enable_encoder_cache
+        self._text_store: EncoderCache | None = None
+        use_sdpa(pipe.unet)
         super().__init__(lora, seed=seed)
+
+    def enable_encoder_cache(self, root: Path) -> None:
+        """``--cache-latents``: VAE latents and text states from ``root`` (computed and stored on a miss).
+
+        The encoders are identified by a checksum of their weights, read once here (a second or two for
+        SD 1.5's VAE and CLIP text encoder)."""
+        self._latent_store = EncoderCache(root, "latents", module_identity(self.pipe.vae))
+        self._text_store = EncoderCache(root, "text", module_identity(self.pipe.text_encoder))
 
     @property
     def channels(self) -> int:
@@ -62,8 +76,19 @@ class StableDiffusionTask(DiffusionTask):
 
     @torch.no_grad()
     def encode(self, batch: dict[str, Any]) -> torch.Tensor:
-        pixels = batch["pixels"].to(self.device, dtype=self.pipe.vae.dtype)
-        latents = self.pipe.vae.encode(pixels).latent_dist.mean
+        if self._latent_store is None:
+            return self._vae_latents(batch["pixels"])
+        pixels = batch["pixels"]
+        vae = self.pipe.vae
+        tag = numerics(self.device, vae.dtype)
+        keys = [self._latent_store.key(tag, image) for image in pixels]
+        f = int(self.pipe.vae_scale_factor)
+        shape = (int(vae.config.latent_channels), pixels.shape[-2] // f, pixels.shape[-1] // f)
+        found = self._latent_store.lookup(keys, lambda rows: self._vae_latents(pixels[rows]), shape)
+        return torch.stack([latent.to(self.device) for latent in found])  # disk hits load on the CPU
+
+    def _vae_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.pipe.vae.encode(pixels.to(self.device, dtype=self.pipe.vae.dtype)).latent_dist.mean
         return latents * self.pipe.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -75,9 +100,20 @@ class StableDiffusionTask(DiffusionTask):
                         int(self.pipe.text_encoder.config.max_position_embeddings))
             tok = self.pipe.tokenizer(missing, padding="max_length", truncation=True, max_length=limit,
                                       return_tensors="pt")
-            states = self.pipe.text_encoder(tok.input_ids.to(self.device))[0]
+            ids = tok.input_ids
+            encoder = self.pipe.text_encoder
+
+            def run(rows: list[int]) -> torch.Tensor:
+                return encoder(ids[rows].to(self.device))[0]
+
+            if self._text_store is None:
+                states = list(run(list(range(len(missing)))))
+            else:  # keyed by token ids: the tokenizer's identity cannot matter beyond them
+                tag = numerics(self.device, encoder.dtype)
+                keys = [self._text_store.key(tag, row) for row in ids]
+                states = self._text_store.lookup(keys, run, (ids.shape[1], int(encoder.config.hidden_size)))
             for caption, state in zip(missing, states, strict=True):
-                self._text_cache[caption] = state
+                self._text_cache[caption] = state.to(self.device)
         return torch.stack([self._text_cache[c] for c in captions])
 
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -147,3 +183,16 @@ class StableDiffusionTask(DiffusionTask):
         """Latents → pixels in ``[-1, 1]`` through the VAE decoder."""
         image = self.pipe.vae.decode(x / self.pipe.vae.config.scaling_factor).sample
         return image.clamp(-1, 1)
+
+
+def use_sdpa(unet: torch.nn.Module) -> None:
+    """Every plain attention processor of ``unet`` → ``AttnProcessor2_0`` (PyTorch's fused SDPA kernels).
+
+    diffusers picks it by default on torch 2; a base saved with the classic processor set, or loaded where
+    that default was switched off, gets it here. Other processors (IP-Adapter, custom) are left alone."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    processors = unet.attn_processors
+    if any(type(p) is AttnProcessor for p in processors.values()):
+        unet.set_attn_processor({name: AttnProcessor2_0() if type(p) is AttnProcessor else p
+                                 for name, p in processors.items()})

@@ -7,8 +7,8 @@ objective (plain / MP / SMP) and, for ``dp``, wrap the optimizer with DP-SGD →
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -27,17 +27,22 @@ from privlora.errors import UserError, file_error
 from privlora.progress import progress_bar
 from privlora.runs import rename_dir, write_json_atomic
 from privlora.tasks.diffusion import DiffusionTask
+from privlora.tasks.latent_cache import attach_cache
 from privlora.tasks.lora import LoraSpec
 from privlora.train.augment import Augmenter
 from privlora.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from privlora.train.data import load_task_and_data
+from privlora.train.distributed import World, refuse_small_batch, sum_before_noise
+from privlora.train.distributed import start as start_processes
 from privlora.train.dp import GradientCanaryHook, PrivateTraining, resolve
+from privlora.train.epochs import with_epoch_steps
 from privlora.train.objectives import OBJECTIVES, Objective
 from privlora.train.precision import Precision
 from privlora.train.privacy_stop import PrivacyStop
 from privlora.train.schedule import make_scheduler
 from privlora.train.text_utility import measure_text_utility
 from privlora.train.utility import measure_utility
+from privlora.train.validation import Validation
 
 #: config.task → utility measure written to utility.json
 UTILITY = {"image": measure_utility, "text": measure_text_utility}
@@ -202,21 +207,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def _refuse_multiprocess() -> None:
-    """Multi-process launches (``accelerate launch``, ``torchrun``) are not supported yet.
-
-    Without sharding and gradient all-reduce every process would train the whole model alone and
-    race to write the same run directory — and under DP each would spend its own ε. Refusing is
-    honest; one process per GPU (``--device cuda``) works.
-    """
-    import os
-
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
-        raise UserError(f"multi-process training (WORLD_SIZE={world}, e.g. accelerate launch or torchrun) "
-                        "is not supported yet; run one process, e.g. with --device cuda")
-
-
 def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet | None = None,
           gradient_canaries: GradientCanaryHook | None = None) -> TrainResult:
     """Train a LoRA adapter as ``config`` says and write the run directory (see DESIGN.md).
@@ -226,37 +216,45 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
     picks from it (the one-run DP audit's canaries, which ``splits.members`` then names); they are not
     in ``config.data.source``, so a resume must pass them again. ``gradient_canaries`` (DP runs only):
     the white-box audit's hook into every DP-SGD step (:class:`privlora.train.dp.GradientCanaryHook`).
+
+    Under ``torchrun`` / ``accelerate launch`` every process calls this; they share each step's global
+    batch and only rank 0 writes (:mod:`privlora.train.distributed`).
     """
     if gradient_canaries is not None and config.mode != "dp":
         raise UserError(f"gradient canaries need a DP-SGD run (mode: dp), this config is mode {config.mode!r}")
-    _refuse_multiprocess()
+    world = start_processes(config.device)
+    if gradient_canaries is not None and world.distributed:
+        raise UserError("gradient canaries need a one-process run (they see one process's gradient sum)")
+    refuse_small_batch(world, config.mode, config.optim.batch_size * config.optim.gradient_accumulation_steps)
     start = time.time()
     torch.manual_seed(config.seed)
-    out, run, resuming = _run_dirs(config)
+    out, run, resuming = world.on_rank0(_run_dirs, config)
     if config.resume != resuming:  # --resume with nothing to resume: a fresh run from here on
         config = config.model_copy(update={"resume": resuming})
     try:
         task, data = load_task_and_data(config, _lora_spec(config))
+        attach_cache(task, enabled=config.data.cache_latents, cache_dir=config.data.cache_dir)
         if extra is not None:
             data = data.concat(extra)
         splits = Splits.load(run) if config.resume else splits or make_splits(
             data, members=config.data.members, aux=config.data.aux, eval=config.data.eval,
             seed=config.seed, source=config.data.source)
         members, aux = data.by_ids(splits.members), data.by_ids(splits.aux)
+        config = with_epoch_steps(config, len(members))  # --num-train-epochs → optim.max_steps
         held_out = data.by_ids(splits.eval)
         if config.resume:
             _check_resumable(config, run)
-        else:
+        elif world.writes:
             splits.save(run)
             (run / "config.yaml").write_text(dump_config(config))
-        return _train_loop(config, task, members, aux, held_out, out, run, start, gradient_canaries)
+        return _train_loop(config, task, members, aux, held_out, out, run, start, gradient_canaries, world)
     except Interrupted:
         raise  # a resumable checkpoint was written: keep <out>.partial
     except BaseException as e:
         # bad input found during set-up (e.g. an impossible target ε) or a failed write (full or
         # read-only disk): leave nothing half-written, or only the last complete checkpoint to resume from
         kept = config.resume or (run / CHECKPOINT).exists()
-        if not kept:
+        if not kept and world.writes:
             shutil.rmtree(run, ignore_errors=True)
         failure = None if isinstance(e, UserError) else file_error(e)
         if failure is None:
@@ -269,7 +267,7 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
 
 def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux: ImageSet,
                 held_out: ImageSet, out: Path, run: Path, start: float,
-                gradient_canaries: GradientCanaryHook | None = None) -> TrainResult:
+                gradient_canaries: GradientCanaryHook | None = None, world: World = World()) -> TrainResult:
     opts = config.optim
     accumulation = opts.gradient_accumulation_steps
     objective: Objective = OBJECTIVES[config.mode](task, members=members, aux=aux, options=config.mp,
@@ -290,11 +288,12 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
         private = PrivateTraining(task, optimizer, dp_params, n=len(members), seed=config.seed,
                                   gradient_canaries=gradient_canaries, accumulation=accumulation,
                                   physical_batch=opts.batch_size)
+        sum_before_noise(world, private.optimizer)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = _Sampler(len(members), opts.batch_size * accumulation, generator, private)
     step_parts = _StepParts(task, objective, private, optimizer, params, sampler, members, generator,
                             precision=precision, augment=augment, chunk=opts.batch_size,
-                            grad_clip=opts.grad_clip)
+                            grad_clip=opts.grad_clip, world=world)
     step = 0
     resumed_at: int | None = None
     if config.resume:
@@ -315,7 +314,8 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
         precision.load_state_dict(state.get("scaler", {}))
         augment.load_state_dict(state.get("augment", {}))
         guard.load_state_dict(state.get("privacy_stop", {}))
-        _truncate_metrics(run / "metrics.jsonl", step)
+        if world.writes:
+            _truncate_metrics(run / "metrics.jsonl", step)
     last_saved: int | None = step if config.resume else None
     every_seconds = config.checkpoint_minutes * 60
     saved_at = time.monotonic()
@@ -323,12 +323,13 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
     def checkpoint() -> None:
         # everything a step reads or changes, so that a resumed run repeats the uninterrupted one exactly
         nonlocal last_saved, saved_at
-        save_checkpoint(run, {"step": step, "params": [p.detach().cpu() for p in params],
-                              "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
-                              "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
-                              "private": private.state_dict() if private is not None else {},
-                              "privacy_stop": guard.state_dict(), "scheduler": scheduler.state_dict(),
-                              "scaler": precision.state_dict(), "augment": augment.state_dict()})
+        if world.writes:  # the ranks' states are replicas: rank 0's is the global state
+            save_checkpoint(run, {"step": step, "params": [p.detach().cpu() for p in params],
+                                  "optimizer": optimizer.state_dict(), "objective": objective.state_dict(),
+                                  "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
+                                  "private": private.state_dict() if private is not None else {},
+                                  "privacy_stop": guard.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "scaler": precision.state_dict(), "augment": augment.state_dict()})
         last_saved, saved_at = step, time.monotonic()
 
     def due() -> bool:
@@ -337,14 +338,17 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
         return step % config.checkpoint_every == 0 or (
             every_seconds > 0 and time.monotonic() - saved_at >= every_seconds)
 
+    validation = Validation(config.validation, task, run, seed=config.seed, sample_steps=config.eval.sample_steps,
+                            writes=world.writes)
     last_loss, ema = float("nan"), None
     checked = False  # has the no-dead-gradient check passed (plain/MP/SMP once; DP on a non-empty batch)?
     updated = False  # has an update with lr > 0 happened yet (only then can LoRA A's gradient be non-zero)?
     task.train()
     try:
-        with (run / "metrics.jsonl").open("a") as metrics, _StopRequest() as stop, \
+        metrics_file = run / "metrics.jsonl" if world.writes else Path(os.devnull)
+        with metrics_file.open("a") as metrics, _StopRequest() as stop, \
                 progress_bar(f"train {config.mode}", total=opts.max_steps, completed=step,
-                             quiet=config.quiet) as bar:
+                             quiet=config.quiet or not world.writes) as bar:
             while step < opts.max_steps and not guard.stopped:
                 lr = float(optimizer.param_groups[0]["lr"])  # the rate this update uses
                 # not before an update has moved the weights: LoRA B starts at zero, so A's gradient is exactly
@@ -365,11 +369,13 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
                     metrics.write(json.dumps({"step": step, **logs}) + "\n")
                     metrics.flush()
                 guard.after_step(step, metrics)  # may restore the last passing check's LoRA and stop
+                validation.after_step(step)  # --validation-prompt: a grid every N steps, RNG untouched
+                stopping = world.any(stop.requested)  # every rank stops at the same step
                 # the last step is checkpointed too: an interrupt during evaluation then repeats no step
-                if due() or step == opts.max_steps or stop.requested or guard.stopped:
+                if due() or step == opts.max_steps or stopping or guard.stopped:
                     checkpoint()
                 bar.advance(loss=ema)
-                if stop.requested:
+                if stopping:
                     raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run}; "
                                       "continue with the same command and --resume")
     except KeyboardInterrupt:
@@ -379,9 +385,14 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
             raise  # nothing resumable: train() removes <out>.partial
         raise Interrupted(f"interrupted during step {step + 1}; the checkpoint of step {last_saved} is in "
                           f"{run}; continue with the same command and --resume") from None
+    world.check_replicas({"params": params, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                          "objective": objective.state_dict(), "rng": torch.get_rng_state(),
+                          "private": private.state_dict() if private is not None else {}})
     try:
-        return _finish(config, task, private, members, held_out, out, run, step, ema, last_loss, start,
-                       resumed_at, guard.report())
+        if not world.writes:  # rank 0 evaluates and saves; the others wait for its result
+            return world.share(None)
+        return world.share(_finish(config, task, private, members, held_out, out, run, step, ema, last_loss,
+                                   start, resumed_at, guard.report()))
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted while saving the results; the checkpoint of step {step} is in {run}; "
                           "continue with the same command and --resume") from None
@@ -438,6 +449,7 @@ class _StepParts:
     augment: Augmenter
     chunk: int  # the physical batch: --batch-size
     grad_clip: float | None
+    world: World = World()  # this process's share of each global batch
 
 
 def _chunks(batch: dict[str, Any], n: int, size: int) -> list[tuple[dict[str, Any], int]]:
@@ -451,21 +463,27 @@ def _one_step(s: _StepParts, *, check: bool) -> dict[str, float]:
     one Poisson draw at q = K·B/N under DP), processed in chunks of ``batch_size``."""
     indices = s.sampler.next()
     batch = s.augment.batch(s.members, indices)
-    logical = getattr(s.task, "logical_batch", None)
-    same_noise = logical(len(indices), s.generator) if logical is not None else contextlib.nullcontext()
-    with same_noise:
+    # the timesteps and noise are drawn once for the whole (global) batch; this process takes its shard
+    with s.world.global_batch(s.task, batch, len(indices), s.generator, s.precision.autocast) as (mine, n):
         if s.private is not None:
-            return _private_step(s, batch, len(indices), check=check)
-        logs = _plain_step(s, batch, len(indices), check=check)
+            logs = _private_step(s, mine, n, len(indices), check=check)
+        else:
+            logs = _plain_step(s, mine, n, len(indices), check=check)
+    s.world.sync_rng()
+    if s.private is not None:
+        return logs
     return {**logs, **s.objective.after_step(s.generator)}  # the proxy attacker's turn, its own draws
 
 
-def _private_step(s: _StepParts, batch: dict[str, Any], n: int, *, check: bool) -> dict[str, float]:
+def _private_step(s: _StepParts, batch: dict[str, Any], n: int, total_n: int, *, check: bool) -> dict[str, float]:
+    """``n`` of the Poisson batch's ``total_n`` samples are this process's (all of them in one process)."""
     assert s.private is not None
     s.private.zero_grad()
-    logs: dict[str, float] = {"batch": float(n)}
-    if not n:  # an empty Poisson batch still takes a (noise-only) step, as the accountant assumes
+    logs: dict[str, float] = {"batch": float(total_n)}
+    if not n:  # an empty Poisson batch (or shard) still takes a (noise-only) step, as the accountant assumes
         s.private.step(empty_batch=True)
+        if total_n:
+            logs["loss"] = s.world.sum_values({"loss": 0.0})["loss"] / total_n
         return logs
     total = 0.0
     chunks = _chunks(batch, n, s.chunk)
@@ -479,20 +497,23 @@ def _private_step(s: _StepParts, batch: dict[str, Any], n: int, *, check: bool) 
         if number < len(chunks):
             s.private.accumulate()
     s.private.step()
-    logs["loss"] = total / n
+    logs["loss"] = s.world.sum_values({"loss": total})["loss"] / total_n
     return logs
 
 
-def _plain_step(s: _StepParts, batch: dict[str, Any], n: int, *, check: bool) -> dict[str, float]:
+def _plain_step(s: _StepParts, batch: dict[str, Any], n: int, total_n: int, *, check: bool) -> dict[str, float]:
+    """``n`` of the logical batch's ``total_n`` samples are this process's (all of them in one process)."""
     s.optimizer.zero_grad(set_to_none=True)
     logs: dict[str, float] = {}
     for chunk, size in _chunks(batch, n, s.chunk):
-        weight = size / n  # Σ weight·mean(chunk) = the mean over the logical batch
+        weight = size / total_n  # Σ weight·mean(chunk), over chunks and processes = the logical batch's mean
         with s.precision.autocast():
             result = s.objective.step_loss(chunk, s.generator)
         s.precision.backward(result.loss * weight)  # ×1 is exact: one chunk is unchanged
         for key, value in result.logs.items():
             logs[key] = logs.get(key, 0.0) + value * weight
+    s.world.sum_grads(s.params)
+    logs = s.world.sum_values(logs)
     if check:
         dead = sum(1 for p in s.params if p.grad is None or not torch.any(p.grad != 0))
         if dead:
