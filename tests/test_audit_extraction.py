@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import CONFIGS, FAST, run_cli
 from privlora.audit.extraction import (
-    ddim_from_noise,
     extract,
     generations,
+    initial_noise,
     latent_probe,
     normalised_distance,
     tiled_l2,
@@ -109,11 +109,12 @@ def test_normalised_distance_matches_definition():
     np.testing.assert_allclose(everything.numpy(), s[:, 0] / (0.5 * s.mean(1)))
 
 
-def test_ddim_from_noise_is_task_sample(loaded):
+def test_generations_are_task_ddim_from_their_own_seeds(loaded, gens):
+    """Generation i is ``DiffusionTask.ddim`` from x_T seeded by (seed, i), whatever batch it fell in (the one
+    DDIM loop is checked against diffusers' own in test_ddim.py)."""
     task, _, _ = loaded
-    noise = torch.randn((3, *task.sample_shape()), generator=torch.Generator().manual_seed(7))
-    expected = task.sample(3, generator=torch.Generator().manual_seed(7), steps=3)
-    torch.testing.assert_close(ddim_from_noise(task, noise, steps=3), expected, rtol=0, atol=1e-6)
+    x = task.ddim(initial_noise(tuple(task.sample_shape()), SEED, 3, 2), STEPS)
+    torch.testing.assert_close(task.to_pixels(x).float().cpu(), gens[3:5], rtol=0, atol=1e-5)
 
 
 def test_planted_copy_is_extracted_and_no_face_is(loaded, gens, planted, result):

@@ -56,7 +56,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from privlora.audit.metrics import auc
@@ -134,31 +133,13 @@ def initial_noise(shape: tuple[int, ...], seed: int, start: int, count: int) -> 
                         for i in range(start, start + count)])
 
 
-@torch.no_grad()
-def ddim_from_noise(task: DiffusionTask, noise: torch.Tensor, *, steps: int) -> torch.Tensor:
-    """DDIM (η = 0) from the given x_T: ``DiffusionTask.sample``'s loop, with the noise supplied.
-
-    ``sample`` draws x_T for the whole batch from one generator, which ties a generation to its batch;
-    taking x_T as an argument lets each generation have its own seed. Kept step-for-step identical to
-    ``sample`` (a test checks it) and unconditional (SD gets the empty prompt, as in ``sample``).
-    """
-    ddim = DDIMScheduler.from_config(task.scheduler.config)
-    ddim.set_timesteps(steps)
-    x = noise.to(task.device)
-    n = x.shape[0]
-    for t in ddim.timesteps:
-        eps = task._denoise(x, t.expand(n).to(task.device), {})
-        x = ddim.step(eps, t, x).prev_sample
-    return x
-
-
 def generations(task: DiffusionTask, n: int, *, seed: int, batch: int = 64,
                 steps: int = 50) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, pixels)`` for ``n`` generations in batches: pixels ``[b, C, H, W]`` in ``[-1, 1]``, CPU."""
     shape = tuple(task.sample_shape())
     for start in range(0, n, batch):
         count = min(batch, n - start)
-        x = ddim_from_noise(task, initial_noise(shape, seed, start, count), steps=steps)
+        x = task.ddim(initial_noise(shape, seed, start, count), steps)  # DDIM η = 0, unconditional
         with torch.no_grad():
             pixels = task.to_pixels(x).float().cpu()
         yield start, pixels  # outside no_grad: a suspended generator must not hold the caller's grad mode

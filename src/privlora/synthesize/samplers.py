@@ -1,7 +1,8 @@
 """How each kind of base turns initial noise into images, one registry keyed by kind.
 
-* ``pixel``         — the embedded / any ``UNet2DModel`` base: the audit's DDIM loop (η = 0), so synthetic
-                      image ``i`` of seed ``s`` is exactly generation ``i`` of ``privlora audit --extraction``.
+* ``pixel``         — the embedded / any ``UNet2DModel`` base: the Task's DDIM loop (``DiffusionTask.ddim``,
+                      η = 0), so synthetic image ``i`` of seed ``s`` is exactly generation ``i`` of
+                      ``privlora audit --extraction``.
 * ``sd``            — a Stable Diffusion pipeline: diffusers' own ``StableDiffusionPipeline`` around the
                       LoRA'd UNet with a DDIM scheduler and classifier-free guidance (what users run).
 * ``sd+controlnet`` — ``StableDiffusionControlNetPipeline`` with the same components plus a ControlNet
@@ -21,7 +22,6 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from privlora.audit.extraction import ddim_from_noise
 from privlora.tasks.diffusion import DiffusionTask
 
 
@@ -47,7 +47,7 @@ Sampler = Callable[[Batch], torch.Tensor]
 
 def _pixel(task: DiffusionTask, options: SamplerOptions) -> Sampler:
     def run(batch: Batch) -> torch.Tensor:
-        return task.to_pixels(ddim_from_noise(task, batch.noise, steps=options.steps)).float().cpu()
+        return task.to_pixels(task.ddim(batch.noise, options.steps)).float().cpu()
 
     return run
 

@@ -7,7 +7,7 @@ call its denoiser; everything else — loss, attack features, sampling — is wr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -144,18 +144,50 @@ class DiffusionTask(ABC):
         load_lora(self.model, Path(path))
 
     # --- sampling -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator, steps: int = 50,
-               batch: dict[str, Any] | None = None) -> torch.Tensor:
-        """DDIM sampling (η=0) of ``n`` model inputs, returned in model space ``[-1, 1]``."""
+    def ddim_scheduler(self, steps: int) -> DDIMScheduler:
+        """The DDIM schedule :meth:`ddim` walks: this base's noise schedule at ``steps`` inference steps
+        (``.timesteps`` are the states it visits, noisiest first)."""
         ddim = DDIMScheduler.from_config(self.scheduler.config)
         ddim.set_timesteps(steps)
-        x = torch.randn((n, *self.sample_shape()), generator=generator).to(self.device)
+        return ddim
+
+    @torch.no_grad()
+    def ddim(self, noise: torch.Tensor, steps: int, *, batch: dict[str, Any] | None = None,
+             until: int | None = None, guidance_scale: float = 1.0,
+             callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """DDIM (η = 0) from ``noise`` = x_T: the one sampling loop of privlora (generation, validation
+        grids, utility, extraction, synthesis, concept erasure), in model space.
+
+        Taking x_T as an argument lets a caller seed each image on its own (extraction, synthesis).
+        ``batch``: the conditioning (SD: ``{"captions": [...]}``; none: unconditional, SD's empty prompt).
+        ``until``: stop after that many of the ``steps`` steps and return x at ``timesteps[until]`` (ESD's
+        x_t). ``guidance_scale`` ≠ 1 with captions: classifier-free guidance, ε(∅) + s·(ε(c) − ε(∅)) from one
+        batched pass over the captions and as many empty ones. ``callback(i, t, x)`` sees each state before
+        its step (concept erasure records the trajectory)."""
+        ddim = self.ddim_scheduler(steps)
+        x = noise.to(self.device)
+        n = x.shape[0]
         cond = batch or {}
-        for t in ddim.timesteps:
-            eps = self._denoise(x, t.expand(n).to(self.device), cond)
+        captions = list(cond.get("captions") or [])
+        guided = guidance_scale != 1.0 and any(captions)
+        for i, t in enumerate(ddim.timesteps[:until]):
+            if callback is not None:
+                callback(i, t, x)
+            if guided:  # the conditioned and the unconditioned pass as one batch of 2n
+                both = self._denoise(torch.cat([x, x]), t.expand(2 * n).to(self.device),
+                                     {"captions": captions + [""] * n})
+                eps_c, eps_u = both[:n], both[n:]
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            else:
+                eps = self._denoise(x, t.expand(n).to(self.device), cond)
             x = ddim.step(eps, t, x).prev_sample
         return x
+
+    def sample(self, n: int, *, generator: torch.Generator, steps: int = 50,
+               batch: dict[str, Any] | None = None) -> torch.Tensor:
+        """DDIM sampling (η=0) of ``n`` model inputs, returned in model space ``[-1, 1]``: x_T for the whole
+        batch from ``generator``, then :meth:`ddim`."""
+        return self.ddim(torch.randn((n, *self.sample_shape()), generator=generator), steps, batch=batch)
 
     @abstractmethod
     def sample_shape(self) -> tuple[int, int, int]:

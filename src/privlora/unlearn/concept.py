@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
 from torch import nn
 
 from privlora.errors import UserError
@@ -94,35 +93,16 @@ def _outputs(task: Any, x: torch.Tensor, t: torch.Tensor, captions: list[str]) -
     return task.denoise(x, t.expand(x.shape[0]).to(x.device), {"captions": captions})
 
 
-def _cond_uncond(task: Any, x: torch.Tensor, t: torch.Tensor, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε(x, prompt), ε(x, ∅)) in one batched forward pass."""
-    n = x.shape[0]
-    out = _outputs(task, torch.cat([x, x]), t, [prompt] * n + [""] * n)
-    return out[:n], out[n:]
-
-
-def _ddim(task: Any, steps: int) -> DDIMScheduler:
-    ddim = DDIMScheduler.from_config(task.scheduler.config)
-    ddim.set_timesteps(steps)
-    return ddim
-
-
 @torch.no_grad()
 def denoise_until(task: Any, prompt: str, noise: torch.Tensor, *, steps: int, stop: int,
                   guidance_scale: float, record: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """CFG DDIM from ``noise`` for ``stop`` of ``steps`` steps: x at timestep ``timesteps[stop]``
-    (``stop == steps``: the finished sample), and every visited state when ``record``."""
-    ddim = _ddim(task, steps)
-    x, visited = noise.to(task.device), []
-    for t in ddim.timesteps[:stop]:
-        if record:
-            visited.append(x)
-        if prompt == "" or guidance_scale == 1.0:
-            out = _outputs(task, x, t, [prompt] * x.shape[0])
-        else:
-            cond, uncond = _cond_uncond(task, x, t, prompt)
-            out = uncond + guidance_scale * (cond - uncond)
-        x = ddim.step(out, t, x).prev_sample
+    (``stop == steps``: the finished sample), and every visited state when ``record``. The loop is the
+    Task's own (:meth:`privlora.tasks.diffusion.DiffusionTask.ddim`), so ESD's x_t are the states a
+    user's generation passes through."""
+    visited: list[torch.Tensor] = []
+    x = task.ddim(noise, steps, batch={"captions": [prompt] * noise.shape[0]}, until=stop,
+                  guidance_scale=guidance_scale, callback=(lambda i, t, x: visited.append(x)) if record else None)
     return x, visited
 
 
@@ -190,7 +170,7 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 def probe_states(task: Any, prompts: list[str], *, n: int, steps: int, guidance_scale: float,
                  seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Fixed x_t for each prompt: every state of ``n`` source-model trajectories (and their timesteps)."""
-    ddim = _ddim(task, steps)
+    ddim = task.ddim_scheduler(steps)
     states = {}
     for i, prompt in enumerate(prompts):
         g = torch.Generator().manual_seed(seed + 7919 * (i + 1))
@@ -387,7 +367,7 @@ def _train(task: Any, concept: str, trained: list[nn.Parameter], source: list[to
     """The ESD loop: x_t from the current model, targets from the frozen source, MSE on ε_θ(x_t, c)
     (+ ``preserve_weight`` × MSE of the anchors' outputs to the source's)."""
     optimizer = torch.optim.Adam(trained, lr=lr)
-    ddim = _ddim(task, sample_steps)
+    ddim = task.ddim_scheduler(sample_steps)
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     with progress_bar(f"erase {concept[:30]!r}", total=steps, quiet=quiet) as bar:
