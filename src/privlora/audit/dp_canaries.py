@@ -41,8 +41,8 @@ from privlora.audit.runner import load_run
 from privlora.data.imageset import ImageSet
 from privlora.data.splits import Splits
 from privlora.errors import UserError
+from privlora.privacy import default_delta
 from privlora.runs import write_json_atomic
-from privlora.train.accounting import default_delta
 
 RESULT = "dp_canaries.json"
 MANIFEST = "dp_canaries_manifest.json"

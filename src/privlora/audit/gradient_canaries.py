@@ -39,8 +39,9 @@ import torch
 from privlora.audit.dp_canaries import draw_inclusion
 from privlora.audit.one_run import audit_bound
 from privlora.errors import UserError
+from privlora.privacy import History
+from privlora.privacy import epsilon as history_epsilon
 from privlora.runs import write_json_atomic
-from privlora.train import accounting
 
 RESULT = "dp_gradient_canaries.json"
 KIND = "gradient"
@@ -164,8 +165,7 @@ def gradient_canary_audit(run: Path, *, m: int, seed: int = 0, beta: float = 0.0
         raise RuntimeError(f"the canary run's mechanism differs from the audited run's: {same}")
     delta = audit_delta(float(privacy["delta"]), m=m, beta=beta)
     accountant = str(privacy.get("accountant") or "rdp")
-    epsilon = accounting.epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=delta,
-                                 accountant=accountant)
+    epsilon = history_epsilon(History.uniform(sigma, q, steps), delta, accountant)
     bound = audit_bound(hook.sums, included, delta=delta, beta=beta, guesses=guesses)
     coords = hook.coordinates()
     result = {

@@ -13,7 +13,7 @@ Two mechanisms:
   carries ``σC``. Distributed noise is only private if the server never sees an individual update, i.e.
   with secure aggregation; and if clients drop out, the sum carries less noise than planned
   (:func:`effective_noise_multiplier`). Accounting is Opacus's RDP accountant over rounds, one step
-  per round with the client sampling rate (:func:`gaussian_epsilons`).
+  per round with the client sampling rate (:func:`gaussian_epsilons`, on :mod:`privlora.privacy`).
 * **Laplace** (L1 clipping): noise ``Laplace(C₁/ε_r)`` per coordinate gives ``ε_r``-DP in round ``r``
   (the L1 sensitivity of one client's clipped update under add/remove is ``C₁``). A dynamic schedule
   spends more ε early, when updates are large and noise hurts most, and less late
@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
+from privlora import privacy
 from privlora.errors import UserError
 
 # ---------------------------------------------------------------------------------------------- clipping
@@ -169,40 +169,29 @@ def effective_noise_multiplier(noise_multiplier: float, placement: str, planned:
     return p.effective(sigma, planned, survivors)
 
 
-@lru_cache(maxsize=256)
-def _rdp_step(sigma: float, q: float) -> tuple[float, ...]:
-    """RDP of one Poisson-subsampled Gaussian step at Opacus' default orders (cached: the ledger asks for
-    the same ``(σ, q)`` every round, and small ``q`` with fractional orders takes Opacus ~0.5 s)."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    return tuple(float(v) for v in np.atleast_1d(rdp_analysis.compute_rdp(
-        q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)))
-
-
-def gaussian_epsilons(history: Sequence[tuple[float, float]], delta: float) -> list[float]:
-    """Cumulative ε after each round, by Opacus's RDP accountant, for ``history`` = one
-    ``(noise_multiplier, sample_rate)`` per round (one accountant step per round; ``sample_rate`` is the
-    Poisson rate at which clients join a round).
-
-    Computes exactly what ``RDPAccountant`` does (same orders, same RDP bound, same conversion) but keeps
-    a running RDP total, so each distinct ``(σ, q)`` is analysed once instead of every round.
-    """
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    delta = _delta(delta)
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    total = np.zeros(len(orders))
-    out = []
+def gaussian_history(history: Sequence[tuple[float, float]]) -> privacy.History:
+    """The ledger's rounds as a :class:`privlora.privacy.History`: one Poisson step per round, one
+    ``(noise_multiplier, sample_rate)`` each (``sample_rate``: the rate at which clients join a round),
+    neighbours differing by one client added or removed."""
+    segments = []
     for r, (sigma, q) in enumerate(history):
         sigma = _positive(sigma, f"round {r}: the noise multiplier")
         if not (math.isfinite(q) and 0 < q <= 1):
             raise UserError(f"round {r}: the sample rate must lie in (0, 1], got {q}")
-        total = total + np.asarray(_rdp_step(float(sigma), float(q)), dtype=np.float64)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=total, delta=delta)
-        out.append(float(eps))
-    return out
+        segments.append(privacy.Segment(float(sigma), float(q), 1))
+    return privacy.History(tuple(segments))
+
+
+def gaussian_epsilons(history: Sequence[tuple[float, float]], delta: float) -> list[float]:
+    """Cumulative ε after each round, by Opacus's RDP accountant, for ``history`` = one
+    ``(noise_multiplier, sample_rate)`` per round (:func:`privlora.privacy.running_epsilons`: a running
+    RDP total, each distinct ``(σ, q)`` analysed once)."""
+    return privacy.running_epsilons(gaussian_history(history), _delta(delta))
+
+
+def gaussian_epsilon(history: Sequence[tuple[float, float]], delta: float) -> float:
+    """ε after all the rounds of ``history`` (the last of :func:`gaussian_epsilons`, without the others)."""
+    return privacy.epsilon(gaussian_history(history), _delta(delta))
 
 
 # ---------------------------------------------------------------------------------------------- Laplace

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from privlora import privacy
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
 from privlora.federated import client_privacy, secagg
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 #: P(‖N(0, s²I_d)‖ > s(√d + t)) ≤ exp(-t²/2): t = 6 gives < 1e-8 per honest upload
 NOISE_NORM_SLACK = 6.0
 
-#: the neighbouring relation every figure in a federated privacy.json is stated for
-CLIENT_NEIGHBOURS = "add/remove one client (all of that client's data)"
+#: the neighbouring relation every figure in a federated privacy.json is stated for (privacy's, re-exported)
+CLIENT_NEIGHBOURS = privacy.CLIENT_NEIGHBOURS
 
 
 class PrivacyPlan:
@@ -61,21 +62,14 @@ class PrivacyPlan:
         return self.mechanism != "none"
 
     def _solve_sigma(self) -> float:
-        """The smallest σ (bisection, 1e-3 relative) whose ε after all rounds is ≤ the target."""
+        """The smallest σ (bisection, 1e-3 relative: :data:`privlora.privacy.LEDGER`) whose ε after all
+        rounds is ≤ the target."""
         dp, rounds = self.config.dp, self.config.rounds
-
-        def eps(sigma: float) -> float:
-            return client_privacy.gaussian_epsilons([(sigma, self.sample_rate)] * rounds, dp.delta)[-1]
-
-        lo, hi = 0.05, 1.0
-        while eps(hi) > dp.target_epsilon:
-            hi *= 2
-            if hi > 1e4:
-                raise UserError(f"no noise level reaches ε = {dp.target_epsilon} in {rounds} rounds")
-        while hi - lo > 1e-3 * hi:
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if eps(mid) > dp.target_epsilon else (lo, mid)
-        return hi
+        try:
+            return privacy.noise_multiplier(dp.target_epsilon, sample_rate=self.sample_rate, steps=rounds,
+                                            delta=dp.delta, search=privacy.LEDGER)
+        except privacy.TargetUnreachable:
+            raise UserError(f"no noise level reaches ε = {dp.target_epsilon} in {rounds} rounds") from None
 
     def sample(self, node_ids: Sequence[int], round_number: int) -> list[int]:
         """This round's participants among the connected ``node_ids`` (sorted), seeded by the round.
@@ -155,7 +149,7 @@ class PrivacyPlan:
 
     def spent(self) -> float | None:
         if self.mechanism == "gaussian":
-            return client_privacy.gaussian_epsilons(self.history, self.config.dp.delta)[-1] if self.history else 0.0
+            return client_privacy.gaussian_epsilon(self.history, self.config.dp.delta)
         if self.mechanism == "laplace":
             return client_privacy.laplace_composed(self.laplace_eps, self.config.dp.delta)["basic"]["epsilon"] \
                 if self.laplace_eps else 0.0

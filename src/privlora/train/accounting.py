@@ -1,48 +1,39 @@
-"""Privacy accounting as pure functions of (σ, q, steps, δ), on Opacus' real accountants (RDP, PRV), and
-:func:`resolve`, which fixes a DP-SGD run's mechanism from its options (torch-free, so the accounting
-cross-check in the tests imports it in a second)."""
+"""DP-SGD's accounting: ε and σ as functions of (σ, q, steps, δ) — thin keyword wrappers over
+:mod:`privlora.privacy` for one run of equal Poisson steps — and :func:`resolve`, which fixes a DP-SGD
+run's mechanism from its options (torch-free, so the accounting cross-check in the tests imports it in
+a second)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
+from privlora import privacy
 from privlora.config import DPOptions
 from privlora.errors import UserError
+from privlora.privacy import SAMPLE_NEIGHBOURS, default_delta
 
-ACCOUNTANTS: dict[str, Callable[[], IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+__all__ = ["ACCOUNTANTS", "SAMPLE_NEIGHBOURS", "DPParameters", "default_delta", "epsilon", "noise_for_epsilon",
+           "resolve"]  # SAMPLE_NEIGHBOURS, default_delta: privlora.privacy's, re-exported
 
-#: the neighbouring relation of DP-SGD's figures (what the Poisson-subsampled Gaussian bound is for)
-SAMPLE_NEIGHBOURS = "add/remove one training sample"
-
-
-def default_delta(n: int) -> float:
-    """δ = 1/(10·N): well below 1/N, so the mechanism cannot simply publish one record."""
-    return 1.0 / (10.0 * max(n, 1))
+#: the accountants DP-SGD offers (``dp.accountant``; the registry recomputes claims with these). Not
+#: privacy's ``gdp``: Opacus calls it experimental, it can understate ε
+ACCOUNTANTS = {name: privacy.ACCOUNTANTS[name] for name in ("rdp", "prv")}
 
 
 def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
             accountant: str = "rdp") -> float:
-    """ε spent by ``steps`` Poisson-subsampled Gaussian steps, from Opacus' accountant."""
-    if steps == 0:
-        return 0.0
-    acc = ACCOUNTANTS[accountant]()
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    """ε spent by ``steps`` Poisson-subsampled Gaussian steps (:func:`privlora.privacy.epsilon`)."""
+    return privacy.epsilon(privacy.History.uniform(noise_multiplier, sample_rate, steps), delta, accountant)
 
 
 def noise_for_epsilon(*, target_epsilon: float, sample_rate: float, steps: int, delta: float,
                       accountant: str = "rdp") -> float:
-    """Smallest σ that keeps ε ≤ ``target_epsilon`` after ``steps`` steps (binary search in Opacus)."""
+    """Smallest σ that keeps ε ≤ ``target_epsilon`` after ``steps`` steps (Opacus' search, in
+    :func:`privlora.privacy.noise_multiplier`)."""
     try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=accountant,
-                                          epsilon_tolerance=0.01))
-    except ValueError as e:
+        return privacy.noise_multiplier(target_epsilon, sample_rate=sample_rate, steps=steps, delta=delta,
+                                        accountant=accountant, search=privacy.OPACUS)
+    except privacy.TargetUnreachable as e:
         raise UserError(f"target ε={target_epsilon} is impossible with δ={delta:g}, q={sample_rate:.4g} and "
                         f"{steps} steps ({e}); raise dp.target_epsilon, lower the steps or the batch size"
                         ) from None
