@@ -3,7 +3,8 @@
 One registry so :mod:`privlora.audit.runner` has no if/elif on tasks: how a run's Task and data are
 loaded and checked, which model-only attacks exist, what the base control is, and which per-sample signal
 the reference attacks (LiRA, RMIA) calibrate. Image (diffusion) runs keep the audit's original behaviour;
-text runs use :mod:`privlora.audit.text_attacks`.
+text runs use :mod:`privlora.audit.text_attacks`. Federated and split runs are not ``privlora train`` runs:
+their kinds recognise the directory (``detect``) and open it themselves (``open``), with the text attacks.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class AuditKind:
     utility_keys: tuple[str, ...]  # utility.json keys copied into results.json
     signal_key: dict[str, Any] | None = None  # what the reference-signal cache is keyed by (None: image's)
     extraction: bool = True  # does --extraction (generate and look for copies) apply?
+    task: str = "image"  # what the audited model does (results.json "task")
+    #: run kinds that are not `privlora train` runs: is this directory one (federated, split), and its
+    #: opener (run, --client) → runner.LoadedRun; None for kinds keyed by a TrainConfig's ``task``
+    detect: Callable[[Path], bool] | None = None
+    open: Callable[[Path, str | None], Any] | None = None
+    client_option: bool = False  # does --client (whose data are the members) apply?
+    no_references: str | None = None  # why --references is refused for this kind (None: supported)
 
 
 def _base_mismatch(run: Path, trained_on: str, expected: str) -> UserError:
@@ -110,7 +118,62 @@ TEXT = AuditKind(
     lira_signal=_identity, rmia_signal=text_attacks.rmia_signal,
     utility_keys=("accuracy_members", "accuracy_heldout", "loss_members", "loss_heldout",
                   "majority_class_heldout"),
-    signal_key={"signal": "text: -logit-scaled confidence"}, extraction=False)
+    signal_key={"signal": "text: -logit-scaled confidence"}, extraction=False, task="text")
 
-#: config.task → how its runs are audited
-AUDIT_KINDS: dict[str, AuditKind] = {"image": IMAGE, "text": TEXT}
+def _unused_load(config: Any, run: Path) -> Loaded:
+    raise AssertionError("federated and split runs are opened by their kind's ``open``")
+
+
+def _open_federated(run: Path, client: str | None) -> Any:
+    from privlora.audit.federated_audit import open_federated_run
+
+    return open_federated_run(run, client)
+
+
+def _open_split(run: Path, client: str | None) -> Any:
+    from privlora.audit.split_audit import open_split_run
+
+    return open_split_run(run)
+
+
+def _is_federated(run: Path) -> bool:
+    from privlora.audit.federated_audit import is_federated_run
+
+    return is_federated_run(run)
+
+
+def _is_split(run: Path) -> bool:
+    from privlora.split.run import SPLIT_JSON
+
+    return (run / SPLIT_JSON).is_file()
+
+
+#: a federated run (``privlora federate``): the global adapter is a text classifier's; members are one
+#: client's data or every client's, non-members the server's held-out test set (audit/federated_audit.py)
+FEDERATED = AuditKind(
+    samples="texts", attacks=TEXT.attacks, load=_unused_load, join=_join_texts, signal=TEXT.signal,
+    signal_queries=1, lira_signal=_identity, rmia_signal=text_attacks.rmia_signal,
+    utility_keys=("accuracy_heldout", "loss_heldout"), signal_key=TEXT.signal_key, extraction=False, task="text",
+    detect=_is_federated, open=_open_federated, client_option=True)
+
+#: a split (SAP) run (``privlora split train``): the composed bottom + provider's top, members = the training
+#: texts its batches used, non-members = its held-out texts (audit/split_audit.py)
+SPLIT = AuditKind(
+    samples="texts", attacks=TEXT.attacks, load=_unused_load, join=_join_texts, signal=TEXT.signal,
+    signal_queries=1, lira_signal=_identity, rmia_signal=text_attacks.rmia_signal,
+    utility_keys=("accuracy_heldout", "loss_heldout"), signal_key=TEXT.signal_key, extraction=False, task="text",
+    detect=_is_split, open=_open_split,
+    no_references="--references is not available for split runs: each reference would be a whole split "
+                  "training (bottom, privatizer noise and a top) that privlora does not run for audits; "
+                  "audit the split run without --references")
+
+#: config.task, or a run kind recognised from its directory → how its runs are audited
+AUDIT_KINDS: dict[str, AuditKind] = {"image": IMAGE, "text": TEXT, "federated": FEDERATED, "split": SPLIT}
+
+
+def kind_of(run: Path) -> str | None:
+    """The AUDIT_KINDS key of a run directory that says what it is (split.json; a federated config), or
+    None for a ``privlora train`` run, whose kind is its config's ``task``."""
+    if not run.is_dir():
+        return None
+    return next((name for name, kind in AUDIT_KINDS.items() if kind.detect is not None and kind.detect(run)), None)

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from privlora.audit import references as refs_mod
-from privlora.audit.kinds import AUDIT_KINDS, AuditKind
+from privlora.audit.kinds import AUDIT_KINDS, AuditKind, kind_of
 from privlora.audit.metrics import summarize
-from privlora.audit.provenance import provenance
+from privlora.audit.provenance import provenance, sha256_file
 from privlora.audit.reference_pool import ReferencePool
 from privlora.errors import UserError
 from privlora.runs import atomic_file, require_run_dir, write_json_atomic
@@ -48,10 +48,21 @@ class LoadedRun:
     privacy: dict[str, Any]
     utility: dict[str, Any]
     base_control: Callable[[], AbstractContextManager[None]]  # inside it the task is the control model
+    kind_name: str = ""  # key in AUDIT_KINDS ("" : config.task, a `privlora train` run)
+    mode: str = ""  # what results.json and the report call the run ("" : config.mode)
+    reference_config: Any = None  # TrainConfig the reference adapters train with (None: config)
+    adapter_dir: Path | None = None  # the audited adapter (None: path/adapter)
+    details: dict[str, Any] | None = None  # extra results.json keys (e.g. which federated client)
+
+    def __post_init__(self) -> None:
+        self.kind_name = self.kind_name or self.config.task
+        self.mode = self.mode or self.config.mode
+        self.reference_config = self.reference_config if self.reference_config is not None else self.config
+        self.adapter_dir = self.adapter_dir or self.path / "adapter"
 
     @property
     def kind(self) -> AuditKind:
-        return AUDIT_KINDS[self.config.task]
+        return AUDIT_KINDS[self.kind_name]
 
 
 def read_json_if_present(path: Path) -> dict[str, Any]:
@@ -62,11 +73,29 @@ def read_json_if_present(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_run(run: Path, *, tasks: tuple[str, ...] = ("image",)) -> LoadedRun:
+def load_run(run: Path, *, tasks: tuple[str, ...] = ("image",), client: str | None = None) -> LoadedRun:
     """Load base + adapter + the three splits of a run, refusing anything that would void the audit.
 
     ``tasks``: the run kinds the caller handles. Image only by default — the one-run DP audit, synthetic
-    data and unlearning read pixels from what this returns; the membership audit passes every kind."""
+    data and unlearning read pixels from what this returns; the membership audit passes every kind.
+    Federated and split run directories are recognised by :func:`privlora.audit.kinds.kind_of` and opened
+    by their kind; ``client`` (federated only) picks whose data are the members: an index or "all"."""
+    name = kind_of(Path(run))
+    if name is not None:
+        if name not in tasks:
+            raise UserError(f"{run} is a {name} run; this command covers {' and '.join(tasks)} runs only")
+        kind = AUDIT_KINDS[name]
+        assert kind.open is not None
+        if client is not None and not kind.client_option:
+            raise UserError(f"--client picks a federated client; {run} is a {name} run")
+        return kind.open(Path(run), client)
+    if client is not None:
+        raise UserError(f"--client picks a federated client; {run} is not a federated run")
+    return _load_training_run(run, tasks)
+
+
+def _load_training_run(run: Path, tasks: tuple[str, ...]) -> LoadedRun:
+    """A ``privlora train`` run directory: config.yaml (TrainConfig), splits.json and adapter/."""
     from privlora.config import load_config
     from privlora.data.splits import Splits
     from privlora.tasks.lora import PEFT_CONFIG
@@ -98,6 +127,8 @@ def _check_attacks(attacks: tuple[str, ...] | None, references: int, kind: Audit
     """The attacks to run (None: every model-only attack of the run's kind), reference ones added with K."""
     attacks = tuple(kind.attacks) if attacks is None else attacks
     known = {**kind.attacks, **REFERENCE_ATTACKS}
+    if references and kind.no_references:
+        raise UserError(kind.no_references)
     for a in attacks:
         if a not in known:
             raise UserError(f"unknown attack {a!r} for {kind.samples}; available: {', '.join(known)}")
@@ -114,7 +145,7 @@ def check_request(loaded: LoadedRun, attacks: tuple[str, ...] | None, *, referen
     (checked before any reference adapter is trained)."""
     attacks = _check_attacks(None if attacks is None else tuple(attacks), references, loaded.kind)
     if extraction and not loaded.kind.extraction:
-        raise UserError(f"--extraction generates images; it does not apply to a {loaded.config.task} run")
+        raise UserError(f"--extraction generates images; it does not apply to a {loaded.kind_name} run")
     return attacks
 
 
@@ -153,7 +184,7 @@ def score_run(loaded: LoadedRun, attacks: tuple[str, ...], *, seed: int,
         with loaded.base_control():
             base = kind.signal(task, both, seed=seed)
             base_z = kind.signal(task, z, seed=seed + 7)
-        ref, ref_z = (refs_mod.reference_signals(task, data, refs, seed=s, target_adapter=loaded.path / "adapter",
+        ref, ref_z = (refs_mod.reference_signals(task, data, refs, seed=s, target_adapter=loaded.adapter_dir,
                                                  signal=kind.signal, signal_key=kind.signal_key)
                       for data, s in ((both, seed), (z, seed + 7)))
         inside = refs.membership(both.ids)
@@ -188,15 +219,16 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] | None = None, references: 
     refs = None
     if references:
         population = [*members.ids, *held_out.ids]
-        refs = refs_mod.ensure_references(loaded.config, population, k=references,
+        refs = refs_mod.ensure_references(loaded.reference_config, population, k=references,
                                           directory=Path(reference_dir or run / "references"), seed=seed,
                                           quiet=quiet, pool=pool)
     labels = np.r_[np.ones(len(members), int), np.zeros(len(held_out), int)]
     columns, seconds = score_run(loaded, attacks, seed=seed, refs=refs)
     results: dict[str, Any] = {
-        "run": str(run), "mode": loaded.config.mode, "members": len(members), "nonmembers": len(held_out),
+        "run": str(run), "mode": loaded.mode, "members": len(members), "nonmembers": len(held_out),
         "seed": seed, "epsilon": loaded.privacy.get("epsilon"), "delta": loaded.delta or None,
-        "task": loaded.config.task, "utility": {k: loaded.utility.get(k) for k in kind.utility_keys},
+        "task": kind.task, "run_kind": loaded.kind_name, **(loaded.details or {}),
+        "utility": {k: loaded.utility.get(k) for k in kind.utility_keys},
         "references": None if refs is None else {"k": references, "directory": str(refs.directory),
                                                  "recipe": refs.recipe},
         "attacks": {}}
@@ -209,6 +241,9 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] | None = None, references: 
             "base_control": summarize(columns[f"{name}_base"], labels, delta=loaded.delta, fprs=fprs, seed=seed)}
     results["seconds"] = seconds
     results["provenance"] = provenance(run)  # which adapter bytes, code, command line and date
+    if loaded.adapter_dir != run / "adapter":  # a split run: the provider's top adapter lives elsewhere
+        results["provenance"].update(adapter=str(loaded.adapter_dir), adapter_sha256=sha256_file(
+            Path(loaded.adapter_dir) / "adapter_model.safetensors"))
     if extraction:
         from privlora.audit.extraction_run import run_extraction
 

@@ -21,9 +21,11 @@ from privlora.audit.spectrum import adapter_spectrum, spectrum_plot
 from privlora.errors import UserError
 
 
-def spectrum_image(runs: list[Path]) -> str:
-    """The adapters' singular-value spectra in one figure, as a data URI for the report."""
-    spectra = {r.name: adapter_spectrum(r / "adapter") for r in runs}
+def spectrum_image(runs: list[Path], adapters: list[Path] | None = None) -> str:
+    """The adapters' singular-value spectra in one figure, as a data URI for the report (``adapters``: each
+    run's audited adapter when it is not ``run/adapter``, e.g. a split run's top)."""
+    spectra = {r.name: adapter_spectrum(a) for r, a in zip(runs, adapters or [r / "adapter" for r in runs],
+                                                              strict=True)}
     with tempfile.TemporaryDirectory() as tmp:
         png = spectrum_plot(spectra, Path(tmp) / "spectrum.png")
         return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
@@ -49,14 +51,15 @@ def default_report_path(runs: list[Path]) -> Path:
 
 def audit_session(runs: list[Path], *, attacks: tuple[str, ...] | None, references: int, reference_dir: Path | None,
                   fprs: tuple[float, ...] | None, extraction: int, report: Path | None, seed: int, quiet: bool,
-                  echo: Callable[[str], Any] = print, pool: ReferencePool | None = None) -> list[dict[str, Any]]:
+                  echo: Callable[[str], Any] = print, pool: ReferencePool | None = None,
+                  client: str | None = None) -> list[dict[str, Any]]:
     runs = [Path(r) for r in runs]
     if len({r.resolve() for r in runs}) != len(runs):
         raise UserError("the same run directory is given twice")
     if extraction < 0:
         raise UserError(f"--extraction must be ≥ 0, got {extraction}")
-    loaded = [load_run(r, tasks=tuple(AUDIT_KINDS)) for r in runs]
-    tasks = sorted({lr.config.task for lr in loaded})
+    loaded = [load_run(r, tasks=tuple(AUDIT_KINDS), client=client) for r in runs]
+    tasks = sorted({lr.kind_name for lr in loaded})
     if len(tasks) > 1:  # they would share reference adapters trained on one task's population
         raise UserError(f"audit runs of one task at a time (got {' and '.join(tasks)} runs)")
     for lr in loaded:
@@ -65,8 +68,8 @@ def audit_session(runs: list[Path], *, attacks: tuple[str, ...] | None, referenc
     if references:
         # references model "a plain adapter trained on this image": take the recipe of a plain run when
         # there is one (a sweep sorts by name, so the first run may be DP or SMP), else of the first run
-        recipe = next((lr for lr in loaded if lr.config.mode == "plain"), loaded[0])
-        ensure_references(recipe.config, [*recipe.members.ids, *recipe.held_out.ids], k=references,
+        recipe = next((lr for lr in loaded if lr.mode == "plain"), loaded[0])
+        ensure_references(recipe.reference_config, [*recipe.members.ids, *recipe.held_out.ids], k=references,
                           directory=reference_dir, seed=seed, quiet=quiet, pool=pool)
     all_results = []
     for run, lr in zip(runs, loaded, strict=True):
@@ -76,7 +79,8 @@ def audit_session(runs: list[Path], *, attacks: tuple[str, ...] | None, referenc
                             fprs=fprs, seed=seed, quiet=quiet, loaded=lr, extraction=extraction, pool=pool)
         all_results.append(results)
     path = write_report(all_results, report or default_report_path(runs),
-                        extra_images={"LoRA spectrum (ΔW = B·A per layer)": spectrum_image(runs)})
+                        extra_images={"LoRA spectrum (ΔW = B·A per layer)": spectrum_image(
+                             runs, [Path(lr.adapter_dir) for lr in loaded])})
     print_table(all_results)
     echo(f"report: {path}")
     for r in all_results:

@@ -14,7 +14,8 @@ from privlora.errors import UserError
 @one_line_errors
 def audit(
     run: list[Path] = typer.Argument(None, metavar="RUN...", show_default=False, help="Run directories written "
-                                     "by `privlora train`; several are compared in one report (they share the "
+                                     "by `privlora train`, `federate` or `split train`; several are compared in "
+                                     "one report (they share the "
                                      "reference adapters)."),
     run_alias: list[Path] = typer.Option(None, "--run", hidden=True, help=RUN_ALIAS_HELP),
     sweep: Path = typer.Option(None, "--sweep", help="Audit every run directory inside this folder (e.g. one "
@@ -54,6 +55,9 @@ def audit(
     dp_beta: float = typer.Option(0.05, "--dp-beta", help="1 − confidence of the ε lower bound."),
     canary_dir: Path = typer.Option(None, "--canary-dir", help="Where the canary run goes and is reused "
                                     "(default RUN_DIR/audit/dp-canary-run; one run only)."),
+    client: str = typer.Option(None, "--client", metavar="N|all", show_default=False, help="Federated runs: "
+                               "members are client N's training data, or every client's (all, the default); "
+                               "non-members are the server's held-out data."),
     seed: int = typer.Option(0, help="Seed for the attacks' noise, the reference halves and the DP canaries."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -71,6 +75,8 @@ def audit(
     In parallel: privlora audit runs/plain --references 8 --reference-workers 4
 
     One-run DP audit: privlora audit runs/dp --dp-canaries 64
+
+    Federated and split runs: privlora audit runs/fed-ffa --client 0 ; privlora audit runs/split-cti
     """
     from privlora.audit.reference_pool import ReferencePool
     from privlora.audit.session import audit_session, sweep_runs
@@ -110,7 +116,8 @@ def audit(
         except ValueError:
             raise UserError(f"--fpr expects numbers like 0.01,0.001, got {fpr!r}") from None
     audit_session(runs, attacks=names, references=references, reference_dir=reference_dir, fprs=fprs,
-                  extraction=extraction, report=report, seed=seed, quiet=quiet, echo=typer.echo, pool=pool)
+                  extraction=extraction, report=report, seed=seed, quiet=quiet, echo=typer.echo, pool=pool,
+                  client=client)
 
 
 @one_line_errors

@@ -28,6 +28,16 @@ class FederatedData:
             raise UserError(f"partition {partition} does not exist (the run has {len(self.parts)} clients)")
         return self.train.subset(self.parts[partition])
 
+    def record(self, config: FederatedConfig) -> dict[str, object]:
+        """What ``splits.json`` of a federated run holds: each client's sample ids and the server's held-out
+        ids, so ``privlora audit`` reads who trained on what instead of trusting a recomputation. The keys
+        ``members`` (every client's), ``aux_nonmembers`` and ``eval_nonmembers`` are those of
+        :class:`privlora.data.splits.Splits`; ``clients`` adds the per-client lists."""
+        clients = [[self.train.ids[i] for i in sorted(part)] for part in self.parts]
+        return {"source": config.data.source, "seed": config.seed, "partitioner": "dirichlet",
+                "alpha": config.data.alpha, "members": [i for part in clients for i in part], "aux_nonmembers": [],
+                "eval_nonmembers": list(self.test.ids), "clients": clients}
+
 
 def _key(config: FederatedConfig) -> tuple:
     d = config.data

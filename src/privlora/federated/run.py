@@ -19,7 +19,7 @@ from typing import Any
 from privlora.config import FederatedConfig, dump_config
 from privlora.errors import UserError
 from privlora.progress import progress_bar
-from privlora.runs import atomic_dir
+from privlora.runs import atomic_dir, write_json_atomic
 
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
                "TRANSFORMERS_OFFLINE": "1", "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -105,12 +105,13 @@ def federate(config: FederatedConfig, *, overwrite: bool = True) -> FederatedRes
     _quiet_flower()
     from privlora.federated.data import federated_data
 
-    federated_data(config)  # bad data source / too few samples: fail before any engine starts
+    split = federated_data(config)  # bad data source / too few samples: fail before any engine starts
     out = Path(config.out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     with atomic_dir(out) as work:
         (work / "config.yaml").write_text(dump_config(config))
+        write_json_atomic(work / "splits.json", split.record(config))  # who trained on what, for the audit
         engine = ENGINES[config.engine]
         failure: list[BaseException] = []
 
