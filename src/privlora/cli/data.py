@@ -8,6 +8,7 @@ import typer
 
 from privlora.cli.choices import PII_OPERATORS, REDACTIONS
 from privlora.cli.common import QUIET, choice, names, offline_defaults, one_line_errors
+from privlora.data.sanitize.dedup import DEFAULT_DISTANCE
 from privlora.errors import UserError
 
 
@@ -33,8 +34,9 @@ def sanitize(
     margin: float = typer.Option(0.1, help="Grow each box by this fraction of its size on every side."),
     dedup: bool = typer.Option(False, "--dedup", help="Keep one image per near-duplicate cluster and list the "
                                "rest (default: only report clusters)."),
-    dedup_distance: int = typer.Option(6, "--dedup-distance", help="pHash bits (of 64) within which two "
-                                       "images are near-duplicates."),
+    dedup_distance: int = typer.Option(DEFAULT_DISTANCE, "--dedup-distance", help="pHash bits (of 64) "
+                                       "within which two images are near-duplicates; mirrored copies and "
+                                       "centre crops of up to 6 % per side are compared too."),
     pii: bool = typer.Option(True, "--pii/--no-pii", help="Scrub PII from tables and captions."),
     entities: str = typer.Option(None, help="PII types to find, comma-separated (default: the built-in set)."),
     operator: str = typer.Option("replace", click_type=choice(PII_OPERATORS),

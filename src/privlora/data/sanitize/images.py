@@ -13,7 +13,7 @@ from PIL import Image
 
 from privlora.data.sanitize import faces as _faces  # noqa: F401  (registers the face detectors)
 from privlora.data.sanitize import text_regions as _text  # noqa: F401  (registers the text detector)
-from privlora.data.sanitize.dedup import phash
+from privlora.data.sanitize.dedup import Signature, signature
 from privlora.data.sanitize.detections import Detection, Detector, build, merge
 from privlora.data.sanitize.metadata import bare_pixels, encode, findings
 from privlora.data.sanitize.redact import get_redactor, padded, redact
@@ -88,8 +88,8 @@ class ImageSanitizer:
             found.setdefault(det.kind, []).extend(d.clipped(w, h) for d in det.detect(rgb))
         return found
 
-    def __call__(self, src: Path, dst: Path | None, rel: str) -> tuple[FileReport, int]:
-        """Sanitize ``src`` into ``dst`` (None: dry run). Returns the report and the image's pHash."""
+    def __call__(self, src: Path, dst: Path | None, rel: str) -> tuple[FileReport, Signature]:
+        """Sanitize ``src`` into ``dst`` (None: dry run). Returns the report and the image's pHash signature."""
         report = FileReport(rel, "image")
         img = open_image(src, self.options.max_pixels)
         for finding in findings(img):
@@ -102,7 +102,7 @@ class ImageSanitizer:
         img.close()
         pixels = np.asarray(clean)
         rgb = np.ascontiguousarray(np.stack([pixels] * 3, axis=-1) if pixels.ndim == 2 else pixels[:, :, :3])
-        image_hash = phash(clean)  # of the content, before redaction
+        image_hash = signature(clean)  # of the content, before redaction
         h, w = rgb.shape[:2]
         boxes = []
         for kind, detections in self.detect(rgb).items():

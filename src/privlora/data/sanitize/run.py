@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from privlora.data.formats import IMAGE_SUFFIXES
-from privlora.data.sanitize.dedup import DEFAULT_DISTANCE, clusters, distance
+from privlora.data.sanitize.dedup import DEFAULT_DISTANCE, Signature, clusters, distance
 from privlora.data.sanitize.images import ImageOptions, ImageSanitizer
 from privlora.data.sanitize.report import CLEAN, DUPLICATE, SKIPPED, FileReport, Finding, SkipFile
 from privlora.data.sanitize.workers import default_workers, sanitize_images
@@ -194,7 +194,7 @@ def _process(src: Path, tmp: Path | None, roles: list[tuple[str, Path]], images:
              scrubber: Any, options: SanitizeOptions, quiet: bool) -> list[FileReport]:
     """Images first (in worker processes when there are many), then text files; reports in path order."""
     reports: dict[int, FileReport] = {}
-    hashes: list[tuple[int, int]] = []  # (index into reports, pHash)
+    hashes: list[tuple[int, Signature]] = []  # (index into reports, pHash signature)
     jobs: list[tuple[int, tuple[Path, Path | None, str]]] = []
     for index, (role, path) in enumerate(roles):
         rel = path.relative_to(src).as_posix()
@@ -263,7 +263,7 @@ def _scrub_sidecar(path: Path, dst: Path | None, scrubber: Any, rel: str) -> Fil
     return report
 
 
-def _mark_duplicates(reports: list[FileReport], hashes: list[tuple[int, int]], options: SanitizeOptions,
+def _mark_duplicates(reports: list[FileReport], hashes: list[tuple[int, Signature]], options: SanitizeOptions,
                      tmp: Path | None) -> None:
     for group in clusters([h for _, h in hashes], options.dedup_distance):
         keep_index, keep_hash = hashes[group[0]]

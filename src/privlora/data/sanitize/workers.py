@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from privlora.data.sanitize.dedup import Signature
 from privlora.data.sanitize.images import ImageOptions, ImageSanitizer
 from privlora.data.sanitize.report import SKIPPED, FileReport, SkipFile
 
@@ -38,7 +39,7 @@ def _start(options: ImageOptions) -> None:
     _sanitizer = ImageSanitizer(options, threads=1)
 
 
-def _one(job: Job, sanitizer: ImageSanitizer | None = None) -> tuple[FileReport, int | None]:
+def _one(job: Job, sanitizer: ImageSanitizer | None = None) -> tuple[FileReport, Signature | None]:
     src, dst, rel = job
     sanitizer = sanitizer or _sanitizer
     assert sanitizer is not None
@@ -51,7 +52,7 @@ def _one(job: Job, sanitizer: ImageSanitizer | None = None) -> tuple[FileReport,
 
 
 def sanitize_images(jobs: Sequence[Job], sanitizer: ImageSanitizer,
-                    workers: int) -> Iterator[tuple[FileReport, int | None]]:
+                    workers: int) -> Iterator[tuple[FileReport, Signature | None]]:
     """Each job's report and pHash (None if skipped), in job order."""
     if workers <= 1 or len(jobs) < MIN_PER_WORKER * workers:
         for job in jobs:
