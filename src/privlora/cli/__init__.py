@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from privlora.cli import audit, data, federate, incident, registry, split, tee, train, unlearn
+from privlora.cli import audit, data, export, federate, incident, registry, split, tee, train, unlearn
 from privlora.cli.common import CONTEXT_SETTINGS, OneLineUsageGroup
 
 app = typer.Typer(cls=OneLineUsageGroup, add_completion=False, rich_markup_mode="markdown", no_args_is_help=True,
@@ -17,7 +17,7 @@ app = typer.Typer(cls=OneLineUsageGroup, add_completion=False, rich_markup_mode=
                   help="Fine-tune with LoRA without leaking the training data, and measure what still leaks.")
 
 for command in (data.sanitize, train.train, federate.federate, train.generate, audit.audit, audit.spectrum,
-                data.synthesize, unlearn.unlearn):
+                data.synthesize, unlearn.unlearn, export.export):
     app.command()(command)
 for name, sub_app in (("base", train.base_app), ("canary", audit.canary_app), ("split", split.split_app),
                       ("registry", registry.registry_app), ("incident", incident.incident_app), ("tee", tee.tee_app)):

@@ -23,3 +23,5 @@ ROLES = ("researcher", "engineer", "auditor", "admin")  # registry.access.ROLES
 DATASET_KINDS = ("sanitized", "full")  # registry service: dataset kinds
 TEE_KEYS = ("sealed", "provisioned")  # tee.manifest.KEY_SOURCES
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's --log-level
+EXPORT_FORMATS = ("peft", "diffusers", "kohya")  # export.FORMATS
+REPORTERS = ("none", "tensorboard", "mlflow")  # train.reporters.REPORTERS (--report-to)

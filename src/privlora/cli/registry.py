@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from privlora.cli.choices import DATASET_KINDS, ROLES
+from privlora.cli.choices import DATASET_KINDS, EXPORT_FORMATS, ROLES
 from privlora.cli.common import REG_TOKEN, REG_URL, choice, group, names, one_line_errors, registry_client
 from privlora.errors import UserError
 
@@ -131,9 +131,13 @@ def registry_show(adapter_id: str, url: str = REG_URL, token: str = REG_TOKEN) -
 @registry_app.command("pull")
 @one_line_errors
 def registry_pull(adapter_id: str, out: Path = typer.Option(..., help="File to write (safetensors)."),
+                  fmt: str = typer.Option("peft", "--format", click_type=choice(EXPORT_FORMATS),
+                                          help="peft (the stored file) | diffusers | kohya (converted by the "
+                                          "registry, as `privlora export` does)."),
                   url: str = REG_URL, token: str = REG_TOKEN) -> None:
     """Download an adapter's weights (auditors only while it is quarantined)."""
-    typer.echo(f"wrote {registry_client(url, token).download(f'/adapters/{adapter_id}/weights', out)}")
+    query = "" if fmt == "peft" else f"?format={fmt}"
+    typer.echo(f"wrote {registry_client(url, token).download(f'/adapters/{adapter_id}/weights{query}', out)}")
 
 
 @registry_app.command("export")
@@ -141,13 +145,16 @@ def registry_pull(adapter_id: str, out: Path = typer.Option(..., help="File to w
 def registry_export(adapter_id: str = typer.Argument(None, help="Adapter to request an export of."),
                     download: int = typer.Option(None, help="Download an approved export by its number."),
                     out: Path = typer.Option(None, help="File for --download."),
+                    fmt: str = typer.Option("peft", "--format", click_type=choice(EXPORT_FORMATS),
+                                            help="--download as peft (the stored file) | diffusers | kohya."),
                     url: str = REG_URL, token: str = REG_TOKEN) -> None:
     """Request an export (someone else must approve it), or download an approved one."""
     client = registry_client(url, token)
     if download is not None:
         if out is None:
             raise UserError("--download needs --out FILE")
-        typer.echo(f"wrote {client.download(f'/exports/{download}/download', out)}")
+        query = "" if fmt == "peft" else f"?format={fmt}"
+        typer.echo(f"wrote {client.download(f'/exports/{download}/download{query}', out)}")
     elif adapter_id:
         typer.echo(f"export request {client.post('/exports', {'adapter': adapter_id})['export']}")
     else:

@@ -3,7 +3,8 @@ authenticates the bearer token, then calls :class:`~privlora.registry.service.Re
 logs and acts. Refusals are 4xx ``{"error": "<one line>"}``; the server stays up.
 
 Routes: ``GET /adapters``, ``POST /adapters`` (JSON: name, weights_b64, config, privacy, audit, files:
-{"config.yaml": text, "splits.json": text}), ``GET /adapters/{id}``, ``GET /adapters/{id}/weights``,
+{"config.yaml": text, "splits.json": text}), ``GET /adapters/{id}``, ``GET /adapters/{id}/weights``
+(``?format=`` peft | diffusers | kohya, as on ``/exports/{id}/download``),
 ``GET /adapters/{id}/files/{name}``, ``POST /exports`` (adapter), ``POST /exports/{id}/approve``,
 ``GET /exports/{id}/download``, ``GET|POST /users``, ``GET|POST /incidents`` (adapter, reason),
 ``GET /incidents/{id}`` (with its reports), ``POST /incidents/{id}/report`` (status audited|not_audited,
@@ -24,7 +25,7 @@ import json
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 
 from privlora.httpapi import bearer, errors, json_body, read_body, service_app
@@ -57,6 +58,8 @@ BODIES: dict[str, dict[str, Any]] = {
     "generation": _obj(["adapter", "prompt"], adapter=_S, prompt=_S, params=_O, image_b64=_B64),
     "audit": _obj(["attacks"], attacks=_O),
 }
+#: ``?format=`` of the weight downloads: the stored peft file (default) or a conversion (:mod:`privlora.export`)
+FORMAT = Query(None, alias="format", description="peft (default: the stored file) | diffusers | kohya")
 AUTH = (401, 403, 422)  # every route but /health and /openapi.json (422: a malformed path or query)
 BODY = (400, 413)  # every route that reads a JSON body (and 422 for its fields)
 
@@ -114,8 +117,8 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
         return registry.show(who(request), adapter_id)
 
     @app.get("/adapters/{adapter_id}/weights", responses=errors(*AUTH, 404))
-    def pull(adapter_id: str, request: Request) -> Response:
-        _, weights = registry.pull(who(request), adapter_id)
+    def pull(adapter_id: str, request: Request, fmt: str | None = FORMAT) -> Response:
+        _, weights = registry.pull(who(request), adapter_id, fmt)
         return Response(weights, media_type="application/octet-stream")
 
     @app.get("/adapters/{adapter_id}/files/{name}", responses=errors(*AUTH, 404))
@@ -138,8 +141,9 @@ def create_app(registry: Registry, *, max_body: int = DEFAULT_MAX_BODY) -> FastA
         return registry.approve_export(who(request), export_id)
 
     @app.get("/exports/{export_id}/download", responses=errors(*AUTH, 404, 409, 422))
-    def download(export_id: int, request: Request) -> Response:
-        return Response(registry.download_export(who(request), export_id), media_type="application/octet-stream")
+    def download(export_id: int, request: Request, fmt: str | None = FORMAT) -> Response:
+        return Response(registry.download_export(who(request), export_id, fmt),
+                        media_type="application/octet-stream")
 
     @app.get("/users", responses=errors(*AUTH))
     def users(request: Request) -> list[dict[str, Any]]:

@@ -214,12 +214,30 @@ class Registry:
         adapter["files"] = sorted(self.store.adapter_files(adapter_id))
         return adapter
 
-    def pull(self, who: Principal, adapter_id: str) -> tuple[dict[str, Any], bytes]:
+    def pull(self, who: Principal, adapter_id: str, fmt: str | None = None) -> tuple[dict[str, Any], bytes]:
+        """The adapter's weights; ``fmt`` (peft | diffusers | kohya, :mod:`privlora.export`) converts them,
+        peft (the default) is the stored file byte for byte (its sha256 is the id)."""
         adapter = self.store.adapter(adapter_id)
         self._gate(who, "adapters", "read", adapter_id, quarantined=bool(adapter and adapter["quarantined"]))
         if adapter is None:
             raise Refused(404, f"no adapter {adapter_id}")
-        return adapter, self.store.weights(adapter_id)
+        return adapter, self._formatted(adapter, self.store.weights(adapter_id), fmt)
+
+    def _formatted(self, adapter: dict[str, Any], weights: bytes, fmt: str | None) -> bytes:
+        """``weights`` converted on the fly to ``fmt`` (small: milliseconds for an adapter); 422 when the format
+        is unknown or does not fit the adapter (a text adapter as kohya)."""
+        from privlora.export import FORMATS, convert, source_from_bytes
+
+        if fmt is None or fmt == "peft":
+            return weights
+        if fmt not in FORMATS:
+            raise Refused(422, f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        config = adapter["config"] if isinstance(adapter.get("config"), dict) else {}
+        try:
+            source = source_from_bytes(weights, config, where=f"adapter {adapter['id'][:16]}", probe_base=False)
+            return convert(source, fmt)
+        except UserError as e:
+            raise Refused(422, str(e)) from None
 
     def adapter_file(self, who: Principal, adapter_id: str, name: str) -> bytes:
         """A run file stored with the adapter. Read like the adapter (auditors only under quarantine);
@@ -294,17 +312,19 @@ class Registry:
         self.store.approve_export(export_id, who.name)
         return {"export": export_id, "status": "approved", "approver": who.name}
 
-    def download_export(self, who: Principal, export_id: int) -> bytes:
+    def download_export(self, who: Principal, export_id: int, fmt: str | None = None) -> bytes:
         export = self.store.export(_row_id(export_id, "export request"))
         self._gate(who, "export", "request", str(export_id))
         if export is None or export["requester"] != who.name:
             raise Refused(403, "only the requester downloads an export")
         if export["status"] != "approved":
             raise Refused(409, "export not approved yet")
-        if self._adapter(export["adapter"])["quarantined"]:
+        adapter = self._adapter(export["adapter"])
+        if adapter["quarantined"]:
             raise Refused(409, "adapter is quarantined (incident open)")
+        data = self._formatted(adapter, self.store.weights(export["adapter"]), fmt)
         self.ledger.append(who.name, "export.download", export["adapter"], "allowed")
-        return self.store.weights(export["adapter"])
+        return data
 
     # --- dataset versions and generation logs --------------------------------------------------------------
     def push_dataset(self, who: Principal, data: bytes, *, name: str, kind: str, fmt: str = "file"
