@@ -39,7 +39,8 @@ class LoraOptions(Strict):
 
 
 class DataOptions(Strict):
-    source: str = "demo:faces"  # demo:faces | demo:digits | path to an image folder
+    #: demo:faces | demo:digits | an image folder | a save_to_disk folder | a dataset name in the HF cache
+    source: str = "demo:faces"
     resolution: int | None = Field(None, ge=8, le=2048)  # None: the base model's own size
     members: float = Field(0.32, gt=0, le=1)  # fraction trained on
     aux: float = Field(0.32, ge=0, lt=1)  # fraction only MP/SMP's proxy attacker may see
@@ -53,6 +54,13 @@ class DataOptions(Strict):
     #: input and the encoders' weights (privlora.tasks.latent_cache); refused with a random crop
     cache_latents: bool = False
     cache_dir: Path | None = None  # None: $XDG_CACHE_HOME/privlora (~/.cache/privlora)
+    #: which columns of a Hugging Face dataset / metadata file hold what (privlora.data.sources); None: the
+    #: defaults — image: the Image feature or 'image'; caption: 'text', 'caption' or 'prompt'; text: 'text'
+    #: (or 'sentence'); label: 'label'
+    image_column: str | None = None
+    caption_column: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
 
     @model_validator(mode="after")
     def _fractions(self) -> DataOptions:
@@ -156,6 +164,9 @@ class TrainConfig(Strict):
     #: before its first ``checkpoint_every`` step still has something to resume
     checkpoint_minutes: float = Field(5.0, ge=0)
     log_every: int = Field(10, ge=1)
+    #: where metrics.jsonl's rows and the validation grids are mirrored (train/reporters.py): none |
+    #: tensorboard (<run>/tensorboard/) | mlflow (<run>/mlruns, needs the mlflow extra)
+    report_to: Literal["none", "tensorboard", "mlflow"] = "none"
     resume: bool = False
     quiet: bool = False
     lora: LoraOptions = LoraOptions()

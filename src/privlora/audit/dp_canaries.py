@@ -141,6 +141,7 @@ def _train_canary_run(loaded: Any, canaries: ImageSet, included: np.ndarray, out
         write_json_atomic(pending, manifest)
     canary_config = config.model_copy(update={
         "out": out, "name": f"{config.name}-dp-canaries", "quiet": quiet, "resume": partial.exists(),
+        "report_to": "none",  # the audit's own training: nothing to mirror (nor a reporter to install)
         # utility is not what this run is for: one eval timestep, no samples for the FD
         "eval": config.eval.model_copy(update={"samples": 0, "timesteps": (200,)})})
     splits = Splits.load(loaded.path)

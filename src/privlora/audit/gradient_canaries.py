@@ -149,7 +149,7 @@ def gradient_canary_audit(run: Path, *, m: int, seed: int = 0, beta: float = 0.0
     hook = DiracCanaries(included, seed=seed)
     # the audited mechanism exactly: its σ (no recalibration), its q (same members), its number of steps
     canary_config = config.model_copy(update={
-        "name": f"{config.name}-dp-gradient-canaries", "quiet": quiet, "resume": False,
+        "name": f"{config.name}-dp-gradient-canaries", "quiet": quiet, "resume": False, "report_to": "none",
         "dp": config.dp.model_copy(update={"noise_multiplier": sigma, "target_epsilon": None,
                                            "delta": float(privacy["delta"])}),
         "optim": config.optim.model_copy(update={"max_steps": steps}),

@@ -104,7 +104,7 @@ def ensure_references(config: Any, population: list[str], *, k: int, directory: 
             continue
         ref_config = config.model_copy(update={
             "mode": "plain", "optim": optim, "out": out, "name": f"reference-{i}", "seed": seed * 1000 + i,
-            "quiet": quiet,
+            "quiet": quiet, "report_to": "none",  # the audit's own training: nothing to mirror
             "resume": out.with_name(out.name + ".partial").exists(),
             "eval": config.eval.model_copy(update={"samples": 0, "timesteps": (200,)}),
             # references have no aux split to probe; they train the recipe's full max_steps

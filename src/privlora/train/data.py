@@ -8,8 +8,9 @@ from typing import Any
 
 from privlora.config import TrainConfig
 from privlora.data.demo import BUILTIN, load_builtin
-from privlora.data.folder import load_folder
+from privlora.data.folder import load_listing
 from privlora.data.imageset import ImageSet
+from privlora.data.sources import Columns, read_source
 from privlora.errors import UserError
 from privlora.tasks.diffusion import DiffusionTask
 
@@ -25,17 +26,31 @@ def load_training_data(config: TrainConfig, task: DiffusionTask) -> ImageSet:
             data = ImageSet(ids=data.ids, pixels=data.pixels.expand(-1, channels, -1, -1).contiguous(),
                             captions=data.captions)
         return _limited(data, config.data.limit)
-    data, report = load_folder(Path(source), channels=channels, resolution=resolution,
-                               center_crop=config.data.center_crop, default_caption=config.prompt)
+    listing = read_source(source, "image", data_columns(config))
+    data, report = load_listing(listing, source, channels=channels, resolution=resolution,
+                                center_crop=config.data.center_crop, default_caption=config.prompt)
     if task.needs_captions and report.uncaptioned:
         raise UserError(f"{len(report.uncaptioned)} images in {source} have no caption (e.g. "
-                        f"{report.uncaptioned[0]}): add metadata.jsonl or .txt sidecars, or pass --prompt")
+                        f"{report.uncaptioned[0]}): add metadata.jsonl/.csv, .caption or .txt sidecars, "
+                        "name the caption column (--caption-column), or pass --prompt")
+    if config.mode == "dp" and data.repeats is not None:
+        # DP-SGD counts each sample as one person: N copies of one image would understate ε N-fold
+        repeated = next(i for i, r in zip(data.ids, data.repeats, strict=True) if r > 1)
+        raise UserError(f"{source} has kohya repeat folders (e.g. {repeated.split('/')[0]}/); under mode dp "
+                        "every copy would count as another person and ε would be understated. Move the "
+                        "images out of the N_name folders (or rename them 1_name) for a DP run")
     if report.skipped:
         import warnings
 
         warnings.warn(f"{len(report.skipped)} files in {source} were skipped (corrupt or not images)",
                       stacklevel=2)
     return _limited(data, config.data.limit)
+
+
+def data_columns(config: TrainConfig) -> Columns:
+    """The ``data.*_column`` options as the source readers take them."""
+    d = config.data
+    return Columns(image=d.image_column, caption=d.caption_column, text=d.text_column, label=d.label_column)
 
 
 def _limited(data: ImageSet, limit: int | None) -> ImageSet:
@@ -62,7 +77,7 @@ def _text_task_and_data(config: TrainConfig, spec: Any) -> tuple[Any, Any]:
 
     if config.device != "cpu":
         raise UserError("the text task runs on the CPU only for now (device: cpu)")
-    data = load_text_dataset(config.data.source, limit=config.data.limit)
+    data = load_text_dataset(config.data.source, limit=config.data.limit, columns=data_columns(config))
     base = None if config.base == "minilm" else Path(config.base)
     if base is not None and not (base / "config.json").is_file():
         raise UserError(f"text base {config.base!r} is neither 'minilm' nor a BERT model folder with config.json")

@@ -39,6 +39,7 @@ from privlora.train.epochs import with_epoch_steps
 from privlora.train.objectives import OBJECTIVES, Objective
 from privlora.train.precision import Precision
 from privlora.train.privacy_stop import PrivacyStop
+from privlora.train.reporters import MetricsLog, check_reporter, open_reporter
 from privlora.train.schedule import make_scheduler
 from privlora.train.step import Sampler as _Sampler
 from privlora.train.step import StepParts as _StepParts
@@ -147,7 +148,7 @@ def _check_resumable(config: TrainConfig, run: Path) -> None:
     saved = load_config(run / "config.yaml").model_dump(mode="json")
     now = config.model_dump(mode="json")
     # out: the same run, however its path is spelt; how often checkpoints are taken changes no result
-    ignored = {"resume", "quiet", "device", "out", "checkpoint_every", "checkpoint_minutes"}
+    ignored = {"resume", "quiet", "device", "out", "checkpoint_every", "checkpoint_minutes", "report_to"}
 
     def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         items: dict[str, Any] = {}
@@ -196,6 +197,7 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
     """
     if gradient_canaries is not None and config.mode != "dp":
         raise UserError(f"gradient canaries need a DP-SGD run (mode: dp), this config is mode {config.mode!r}")
+    check_reporter(config.report_to)  # a missing tensorboard/mlflow package: refused before any work
     world = start_processes(config.device)
     if gradient_canaries is not None and world.distributed:
         raise UserError("gradient canaries need a one-process run (they see one process's gradient sum)")
@@ -214,6 +216,8 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
             data, members=config.data.members, aux=config.data.aux, eval=config.data.eval,
             seed=config.seed, source=config.data.source)
         members, aux = data.by_ids(splits.members), data.by_ids(splits.aux)
+        if isinstance(members, ImageSet):  # kohya repeat folders: split by source image, then repeat
+            members = members.expanded()
         config = with_epoch_steps(config, len(members))  # --num-train-epochs → optim.max_steps
         held_out = data.by_ids(splits.eval)
         if config.resume:
@@ -318,11 +322,14 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
     checked = False  # has the no-dead-gradient check passed (plain/MP/SMP once; DP on a non-empty batch)?
     updated = False  # has an update with lr > 0 happened yet (only then can LoRA A's gradient be non-zero)?
     task.train()
+    # --report-to: a copy of every metrics.jsonl row and validation grid, closed before <out>.partial is renamed
+    reporter = open_reporter(config.report_to, run, out, resumed_at=resumed_at, writes=world.writes)
     try:
         metrics_file = run / "metrics.jsonl" if world.writes else Path(os.devnull)
-        with metrics_file.open("a") as metrics, _StopRequest() as stop, \
+        with metrics_file.open("a") as jsonl, _StopRequest() as stop, \
                 progress_bar(f"train {config.mode}", total=opts.max_steps, completed=step,
                              quiet=config.quiet or not world.writes) as bar:
+            metrics = MetricsLog(jsonl, reporter)
             while step < opts.max_steps and not guard.stopped:
                 lr = float(optimizer.param_groups[0]["lr"])  # the rate this update uses
                 # not before an update has moved the weights: LoRA B starts at zero, so A's gradient is exactly
@@ -343,7 +350,9 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
                     metrics.write(json.dumps({"step": step, **logs}) + "\n")
                     metrics.flush()
                 guard.after_step(step, metrics)  # may restore the last passing check's LoRA and stop
-                validation.after_step(step)  # --validation-prompt: a grid every N steps, RNG untouched
+                grid = validation.after_step(step)  # --validation-prompt: a grid every N steps, RNG untouched
+                if grid is not None:
+                    reporter.image(step, "validation", grid)
                 stopping = world.any(stop.requested)  # every rank stops at the same step
                 # the last step is checkpointed too: an interrupt during evaluation then repeats no step
                 if due() or step == opts.max_steps or stopping or guard.stopped:
@@ -359,6 +368,8 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
             raise  # nothing resumable: train() removes <out>.partial
         raise Interrupted(f"interrupted during step {step + 1}; the checkpoint of step {last_saved} is in "
                           f"{run}; continue with the same command and --resume") from None
+    finally:
+        reporter.close()  # flushed into <out>.partial: renamed with it, appended to by a resume
     world.check_replicas({"params": params, "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
                           "objective": objective.state_dict(), "rng": torch.get_rng_state(),
                           "private": private.state_dict() if private is not None else {}})
