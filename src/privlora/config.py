@@ -235,8 +235,12 @@ class FedClientOptions(Strict):
 
 
 class FedDPOptions(Strict):
-    """Client-level DP: every client clips its upload and adds noise before it leaves the client."""
+    """Client-level DP (``level: client``): every client clips its upload and adds noise before it leaves
+    the client. Sample-level DP (``level: sample``): every client runs DP-SGD on its own data
+    (``clip`` per sample, ``noise_multiplier`` per step) and keeps its own ε ledger, capped by ``budget``."""
 
+    level: Literal["client", "sample"] = "client"
+    budget: float | None = Field(None, gt=0)  # sample: a client refuses a round that would exceed this ε
     mechanism: Literal["none", "gaussian", "laplace"] = "none"
     clip: float = Field(1.0, gt=0)  # L2 bound (gaussian) or L1 bound (laplace) of one client's upload
     noise_multiplier: float | None = Field(None, gt=0)  # gaussian: σ (std = σ·clip)
@@ -253,6 +257,15 @@ class FedDPOptions(Strict):
             raise ValueError("give dp.noise_multiplier or dp.target_epsilon, not both")
         if self.mechanism == "gaussian" and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("dp.mechanism gaussian needs dp.noise_multiplier or dp.target_epsilon")
+        if self.level == "sample":
+            if self.mechanism != "gaussian" or self.noise_multiplier is None:
+                raise ValueError("dp.level sample is DP-SGD in each client: set dp.mechanism gaussian and "
+                                 "dp.noise_multiplier (cap each client's ε with dp.budget, not dp.target_epsilon)")
+            if self.placement != "local":
+                raise ValueError("dp.level sample adds its noise inside each client's DP-SGD: dp.placement "
+                                 "must be local")
+        elif self.budget is not None:
+            raise ValueError("dp.budget caps a client's own ε: it needs dp.level sample")
         return self
 
 

@@ -185,7 +185,7 @@ def _client_fn(config: FederatedConfig | None):
         from privlora.federated.client import LoraClient
 
         cfg = config if config is not None else config_from(context.run_config)
-        return LoraClient(cfg, int(context.node_config["partition-id"])).to_client()
+        return LoraClient(cfg, int(context.node_config["partition-id"]), context.state).to_client()
 
     return client_fn
 

@@ -3,7 +3,8 @@
 The order matters and is the point of this module: difference to what was received → clip → noise
 (drawn here, on the client, from OS entropy: a seeded noise stream would be predictable from the
 config) → compress → send. Nothing but the encoded upload, its sample count (which the server caps)
-and a few scalar metrics leaves the client.
+and a few scalar metrics leaves the client. Under ``dp.level: sample`` the noise is added during
+training instead (DP-SGD, :mod:`privlora.federated.sample_dp`) and the upload is not clipped or noised again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flwr.client import NumPyClient
 
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
-from privlora.federated import client_privacy, secagg
+from privlora.federated import client_privacy, sample_dp, secagg
 from privlora.federated.compression import get_codec, wire_bytes
 from privlora.federated.data import federated_data
 from privlora.federated.rules import FLoRA, get_rule
@@ -98,9 +99,10 @@ def privatize(upload: list[np.ndarray], instructions: dict[str, Any],
 class LoraClient(NumPyClient):
     """A Flower NumPyClient for one data partition."""
 
-    def __init__(self, config: FederatedConfig, partition: int) -> None:
+    def __init__(self, config: FederatedConfig, partition: int, state: Any = None) -> None:
         self.config = config
         self.partition = partition
+        self.state = state  # Flower's per-node Context.state: where sample-level DP keeps the client's ledger
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         cfg, pid = self.config, self.partition
@@ -120,7 +122,11 @@ class LoraClient(NumPyClient):
             held = rule.load(task.model, parameters, seed=seed)
         else:
             held = rule.load(task.model, parameters)
-        loss = local_train(task, local, cfg, seed)
+        dp_metrics: dict[str, float] = {}
+        if cfg.dp.level == "sample":  # DP-SGD around the same local round; refuses past the budget
+            loss, dp_metrics = sample_dp.train_round(task, local, cfg, self.state)
+        else:
+            loss = local_train(task, local, cfg, seed)
         # the server caps counts anyway; under SecAgg+ it cannot see them, so the honest client caps its own
         samples = min(len(local), int(cfg.sample_cap)) if cfg.sample_cap else len(local)
         weight = secagg.upload_factor(samples, secagg.max_weight(cfg), cfg.secagg.quantization_range) \
@@ -130,7 +136,7 @@ class LoraClient(NumPyClient):
         if pid in faults.corrupt_clients:  # a client that bypasses our encoder (bug or attack): NaNs on the wire
             encoded = [np.full_like(a, np.nan) if a.dtype.kind == "f" else a for a in encoded]
         metrics = {"partition": pid, "loss": loss, "update_norm": norm, "bytes_up": wire_bytes(encoded),
-                   "train_seconds": time.perf_counter() - start}
+                   "train_seconds": time.perf_counter() - start, **dp_metrics}
         return encoded, samples, metrics
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:

@@ -108,6 +108,9 @@ class PrivacyPlan:
             return self.config.dp.clip + std * (math.sqrt(dims) + NOISE_NORM_SLACK)
         return self.config.max_update_norm  # none; Laplace noise has no tight L2 bound worth enforcing
 
+    def observe(self, results: Sequence[Any]) -> None:
+        """Client-level DP learns nothing from a round's replies (sample-level DP reads ledgers here)."""
+
     def record(self, round_number: int, survivors: int, planned: int | None = None,
                groups: Sequence[tuple[int, int]] | None = None) -> float | None:
         """Add a round to the ledger once (later calls for the same round change nothing); returns ε so

@@ -36,6 +36,7 @@ from privlora.federated.compression import get_codec
 from privlora.federated.data import federated_data
 from privlora.federated.privacy_plan import PrivacyPlan
 from privlora.federated.rules import Rule, get_rule, weighted_mean
+from privlora.federated.sample_plan import SampleLevelPlan
 
 
 class LoraStrategy(Strategy):
@@ -47,7 +48,8 @@ class LoraStrategy(Strategy):
         self.workdir = Path(workdir)
         self.rule: Rule = get_rule(config.strategy, config.lora.alpha)
         self.codec = get_codec(config.compression)
-        self.privacy = PrivacyPlan(config)
+        self.privacy: PrivacyPlan | SampleLevelPlan = PrivacyPlan(config) if config.dp.level == "client" \
+            else SampleLevelPlan(config)
         self.data = federated_data(config)
         self.num_labels = len(self.data.train.classes)
         self.state: list[np.ndarray] = []
@@ -144,6 +146,7 @@ class LoraStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         log = self.round_log
+        self.privacy.observe(results)  # sample-level DP: each client's round, before any rejection
         log["failures"] = log.get("failures", 0) + len(failures) if self.edge else len(failures)
         if self.config.secagg.enabled:
             # the FitRes parameters all hold the secure mean; the clients' own payload size is their metric

@@ -1,0 +1,222 @@
+"""Sample-level DP inside each client (``dp.level: sample``): the per-client ledger against Google's
+dp-accounting, refusal at the budget, DP-SGD through the real client, SecAgg+ over DP-SGD uploads, and
+(slow) whole Flower simulations whose privacy.json lists every client's ε."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+from dp_accounting.rdp import rdp_privacy_accountant as dpa_rdp
+from flwr.app import RecordDict
+from flwr.common import parameters_to_ndarrays
+from pydantic import ValidationError
+
+from privlora import privacy
+from privlora.config import FederatedConfig
+from privlora.federated import sample_dp
+from privlora.federated.client import LoraClient
+from privlora.federated.data import federated_data
+from privlora.federated.rules import weighted_mean
+from privlora.federated.sample_dp import BudgetExhausted, ClientLedger
+from privlora.federated.strategy import LoraStrategy
+
+SMALL = {"clients": 3, "rounds": 2, "data": {"limit": 240}, "client": {"local_steps": 3, "batch_size": 8},
+         "quiet": True}
+#: the RDP orders where Opacus and dp-accounting both use the exact closed form (integer α)
+INTEGER_ORDERS = [a for a in privacy.ORDERS if float(a).is_integer()]
+
+
+def config(tmp_path: Path | None = None, name: str = "run", *, dp: dict | None = None, **overrides) -> FederatedConfig:
+    tree = {**SMALL, **overrides,
+            "dp": {"level": "sample", "mechanism": "gaussian", "noise_multiplier": 1.0, "clip": 1.0, **(dp or {})}}
+    if tmp_path is not None:
+        tree["out"] = str(tmp_path / name)
+    return FederatedConfig.model_validate(tree)
+
+
+def dp_accounting_event(segments: list[tuple[float, float, int]]) -> dpa.DpEvent:
+    """The rounds × local steps the client took, as dp-accounting events."""
+    return dpa.ComposedDpEvent([dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), k)
+                                for s, q, k in segments])
+
+
+# --- the ledger (fast) -------------------------------------------------------------------------------
+
+
+ROUNDS = [(1.1, 0.05, 20), (1.1, 0.05, 20), (0.9, 0.08, 10), (1.1, 0.05, 20)]  # a client skipping no round
+
+
+def test_ledger_composes_across_rounds_and_matches_dp_accounting() -> None:
+    ledger = ClientLedger()
+    delta = 1e-5
+    running = []
+    for s, q, k in ROUNDS:
+        ledger.record(s, q, k)
+        running.append(ledger.epsilon(delta))
+    assert ledger.rounds == 4 and ledger.steps == 70
+    assert running == sorted(running) and running[0] > 0  # every round spends more
+    # RDP at the integer orders: Opacus' closed form vs dp-accounting's, to 1e-6 relative
+    ours = privacy.rdp(ledger.history())
+    idx = [privacy.ORDERS.index(a) for a in INTEGER_ORDERS]
+    theirs = sum(np.asarray(dpa_rdp._compute_rdp_poisson_subsampled_gaussian(q, s, INTEGER_ORDERS)) * k
+                 for s, q, k in ROUNDS)
+    np.testing.assert_allclose(ours[idx], theirs, rtol=1e-6)
+    # ε over those orders: our RDP through Opacus' conversion vs dp-accounting's accountant on the events
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    eps_ours, _ = get_privacy_spent(orders=INTEGER_ORDERS, rdp=ours[idx], delta=delta)
+    acc = dpa.rdp.RdpAccountant(orders=INTEGER_ORDERS).compose(dp_accounting_event(ROUNDS))
+    assert float(eps_ours) == pytest.approx(acc.get_epsilon(delta), rel=1e-6)
+    # and the ledger's ε (all Opacus orders) is never above that integer-order bound, nor far below it
+    assert ledger.epsilon(delta) <= float(eps_ours) * (1 + 1e-12)
+    assert ledger.epsilon(delta) >= 0.9 * float(eps_ours)
+
+
+def test_ledger_is_the_sum_of_its_rounds_not_of_the_last_one() -> None:
+    one, four = ClientLedger(), ClientLedger()
+    one.record(1.0, 0.1, 5)
+    for _ in range(4):
+        four.record(1.0, 0.1, 5)
+    uniform = privacy.epsilon(privacy.History.uniform(1.0, 0.1, 20), 1e-5)
+    assert four.epsilon(1e-5) == pytest.approx(uniform, rel=1e-12)
+    assert four.epsilon(1e-5) > 1.3 * one.epsilon(1e-5)  # ε grows sublinearly, but it grows
+
+
+def test_a_client_at_its_budget_refuses_and_spends_nothing() -> None:
+    ledger, delta = ClientLedger(), 1e-5
+    per_round = ledger.epsilon_after(1.0, 0.1, 5, delta)
+    budget = ClientLedger([(1.0, 0.1, 5)] * 3).epsilon(delta)  # exactly three rounds fit
+    for _ in range(3):
+        assert ledger.admit(1.0, 0.1, 5, delta, budget) <= budget
+        ledger.record(1.0, 0.1, 5)
+    with pytest.raises(BudgetExhausted, match="refused"):
+        ledger.admit(1.0, 0.1, 5, delta, budget)
+    assert ledger.rounds == 3 and ledger.epsilon(delta) <= budget
+    assert ledger.admit(1.0, 0.1, 5, delta, None) > budget  # no budget: nothing refused
+    assert per_round < budget
+
+
+def test_ledger_round_trips_through_flower_state() -> None:
+    state = RecordDict()
+    assert sample_dp.load_ledger(state).rounds == 0
+    sample_dp.save_ledger(state, ClientLedger(list(ROUNDS)))
+    assert sample_dp.load_ledger(state).segments == ROUNDS
+
+
+def test_config_rules() -> None:
+    with pytest.raises(ValidationError, match="noise_multiplier"):
+        config(dp={"noise_multiplier": None, "target_epsilon": 4.0})
+    with pytest.raises(ValidationError, match="placement"):
+        config(dp={"placement": "distributed"}, secagg={"enabled": True})
+    with pytest.raises(ValidationError, match="level sample"):
+        FederatedConfig.model_validate({**SMALL, "dp": {"mechanism": "gaussian", "noise_multiplier": 1.0,
+                                                         "budget": 3.0}})
+    cfg = config(compression="int8")  # int8 uploads combine with it
+    assert cfg.dp.level == "sample" and config(secagg={"enabled": True}).secagg.enabled
+
+
+# --- the real client, no Flower ----------------------------------------------------------------------
+
+
+def start(cfg: FederatedConfig, tmp_path: Path) -> tuple[LoraStrategy, list[np.ndarray]]:
+    strategy = LoraStrategy(cfg, tmp_path / "server")
+    return strategy, parameters_to_ndarrays(strategy.initialize_parameters(None))
+
+
+def test_the_client_runs_dp_sgd_keeps_its_ledger_and_refuses_past_its_budget(tmp_path) -> None:
+    probe = config()
+    n = len(federated_data(probe).client(0))
+    q = sample_dp.sample_rate(probe, n)
+    budget = ClientLedger([(1.0, q, 3)] * 2).epsilon(probe.dp.delta) * (1 + 1e-9)  # two rounds fit
+    cfg = config(dp={"budget": budget})
+    strategy, state = start(cfg, tmp_path)
+    ins = {"rank": 8, **strategy.privacy.instructions(1)}
+    assert ins["mechanism"] == "none"  # the server asks for no upload noise: DP-SGD ran in the client
+    node = RecordDict()
+    uploads = []
+    for r in (1, 2):
+        upload, samples, metrics = LoraClient(cfg, 0, node).fit(state, {**ins, "round": r})
+        uploads.append(upload)
+        assert metrics["dp_rounds"] == r and metrics["dp_steps"] == 3
+        assert metrics["dp_epsilon"] == pytest.approx(ClientLedger([(1.0, q, 3)] * r).epsilon(cfg.dp.delta))
+    assert len(uploads[0]) == len(state) // 2 + 1  # FFA: B and the head only
+    # two rounds from the same start differ: Poisson batches and noise are fresh each time
+    assert not all(np.array_equal(a, b) for a, b in zip(*uploads, strict=True))
+    with pytest.raises(BudgetExhausted):
+        LoraClient(cfg, 0, node).fit(state, {**ins, "round": 3})
+    assert sample_dp.load_ledger(node).rounds == 2  # the refused round spent nothing
+    # the server rebuilds the client's ledger from what it reported
+    strategy.privacy.observe([(None, type("R", (), {"metrics": metrics})())])
+    report = strategy.privacy.report()
+    assert report["unit"] == "one training sample of one client"
+    assert [c["client"] for c in report["clients"]] == [0, 1, 2]
+    assert report["clients"][0]["rounds"] == 1  # one round reported to this server in this test
+
+
+def test_secagg_plus_over_dp_sgd_uploads_is_the_plain_aggregate_of_the_same_uploads(tmp_path) -> None:
+    from test_federated_secagg_noise import secure_round
+
+    cfg = config(secagg={"enabled": True})
+    strategy, state = start(cfg, tmp_path)
+    ins = {"rank": 8, "round": 1, **strategy.privacy.instructions(1)}
+    uploads, sizes = [], []
+    for pid in range(cfg.clients):
+        upload, samples, _ = LoraClient(cfg, pid, RecordDict()).fit(state, ins)
+        uploads.append(upload)
+        sizes.append(samples)
+    clipping_range = strategy.privacy.secagg_clipping_range()
+    secure, total_weight = secure_round(uploads, sizes, cfg, clipping_range)
+    w = np.asarray(sizes, dtype=np.float64)
+    import torch
+
+    plain = weighted_mean(uploads, torch.tensor(w / w.sum()))
+    scale = max(float(np.abs(u).max()) for up in uploads for u in up)
+    assert scale < clipping_range  # nothing is clipped by the mod
+    # each client's weighted value is rounded to one quantisation step (2·range/T); the mean divides by Σw
+    step = 2 * clipping_range / cfg.secagg.quantization_range
+    for s, p in zip(secure, plain, strict=True):
+        np.testing.assert_allclose(s, p, rtol=0, atol=len(uploads) * step / total_weight)
+    assert max(float(np.abs(p).max()) for p in plain) > 100 * step  # a real update, not rounding noise
+
+
+# --- Flower simulation (slow) ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{"compression": "int8"}, {"secagg": {"enabled": True}}], ids=["int8", "secagg"])
+def test_simulation_writes_every_clients_epsilon(tmp_path, extra) -> None:
+    from privlora.federated.run import federate
+
+    probe = config()
+    data = federated_data(probe)
+    rates = [sample_dp.sample_rate(probe, len(data.client(k))) for k in range(probe.clients)]
+    # a budget that lets every client but the one with the largest q (the smallest partition) take both
+    # rounds: that one must stop after round 1, and round 2 still has two clients (SecAgg+'s minimum)
+    worst, runner_up = sorted(rates)[-1], sorted(rates)[-2]
+    budget = ClientLedger([(1.0, runner_up, 3)] * 2).epsilon(probe.dp.delta) * 1.001
+    cfg = config(tmp_path, "sim", dp={"budget": budget}, **extra)
+    result = federate(cfg)
+    report = json.loads((result.run_dir / "privacy.json").read_text())
+    assert report["level"] == "sample" and report["unit"] == "one training sample of one client"
+    by_client = {c["client"]: c for c in report["clients"]}
+    assert sorted(by_client) == [0, 1, 2]
+    for k, q in enumerate(rates):
+        entry = by_client[k]
+        segments = [(1.0, q, 3)] * entry["rounds"]
+        assert entry["epsilon"] <= budget
+        assert entry["epsilon"] == pytest.approx(entry["epsilon_reported"] or 0.0, rel=1e-9)
+        theirs = dpa.rdp.RdpAccountant(orders=list(privacy.ORDERS)).compose(dp_accounting_event(segments)) \
+            .get_epsilon(cfg.dp.delta) if segments else 0.0
+        assert theirs * 0.95 <= entry["epsilon"] <= theirs * (1 + 1e-3) + 1e-12
+    # a client whose report shows that round 2 would pass the budget is not sampled again
+    fits_two = [ClientLedger([(1.0, q, 3)] * 2).epsilon(cfg.dp.delta) <= budget for q in rates]
+    assert not fits_two[rates.index(worst)] and sum(fits_two) == 2
+    assert [by_client[k]["rounds"] for k in range(3)] == [2 if f else 1 for f in fits_two]
+    assert by_client[rates.index(worst)]["exhausted"]
+    rounds = [m for m in result.rounds if m["round"] > 0]
+    assert [m["sampled"] for m in rounds] == [3, 2] and [m["accepted"] for m in rounds] == [3, 2]
+    assert report["epsilon"] == max(c["epsilon"] for c in report["clients"])
