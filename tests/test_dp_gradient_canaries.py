@@ -23,7 +23,9 @@ from privlora.audit.one_run import audit_bound
 from privlora.errors import UserError
 from privlora.train import accounting
 
-QUICK = {"eval.timesteps": [200], "eval.samples": 0, "quiet": True, "optim.batch_size": 2}
+# C = 1 (not demo-dp's 0.02): a Dirac canary then contributes exactly 1.0 per step it joins, far above what
+# the real samples' clipped gradients add to the same coordinate
+QUICK = {"eval.timesteps": [200], "eval.samples": 0, "quiet": True, "optim.batch_size": 2, "dp.max_grad_norm": 1.0}
 
 
 def _config(out: Path, *, sigma: float, steps: int):
