@@ -23,12 +23,8 @@ from conftest import assert_one_line_error, invoke_cli
 ALPHA, RANK = 8.0, 4  # alpha ≠ rank: a file that loses the scale gives another output
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread for the module (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomize_lora(model: torch.nn.Module, seed: int) -> None:

@@ -27,8 +27,9 @@ from privlora.tasks.lora import LoraSpec, lora_state_dict
 from privlora.train import loop
 from privlora.train.loop import Interrupted, TrainResult, train
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order",
-                                        "ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order",
+                                        "ignore::RuntimeWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]  # conftest: one intra-op thread
 
 BASE = CONFIGS / "demo-plain.yaml"
 STEPS = 3
@@ -41,15 +42,6 @@ RUN_FILES = ("config.yaml", "splits.json", "metrics.jsonl", "privacy.json", "uti
              "adapter/adapter_model.safetensors", "adapter/adapter_config.json")
 CLI_ENV = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared: one intra-op thread is faster than two fighting for the cores
-    (and the CLI subprocesses below run with OMP_NUM_THREADS=1 too, so their numbers match)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(out: Path, **changes) -> TrainConfig:

@@ -23,7 +23,8 @@ from privlora.unlearn.run import unlearn
 from privlora.unlearn.selection import select_forget
 from privlora.unlearn.source import load_source
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]  # conftest: one intra-op thread
 
 # a small image run: 24 members, 16 aux, 20 evaluation non-members, rank 4, one eval timestep, no FD
 FAST = {"eval.timesteps": [200], "eval.samples": 0, "quiet": True, "optim.batch_size": 8,
@@ -36,13 +37,6 @@ ADAPTER = "adapter/adapter_model.safetensors"
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / ADAPTER))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
