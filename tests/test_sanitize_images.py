@@ -252,6 +252,13 @@ def test_signature_links_mirrored_and_cropped_copies_that_phash_misses():
     assert clusters(sigs) == [[0, 4, 5]]
 
 
+def test_dedup_distance_help_states_the_library_default():
+    """The CLI leaves the default to SanitizeOptions (no sanitizer import at start-up); its help must say it."""
+    proc = run_cli("sanitize", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.replace("│", " ").split())  # rich wraps the help inside a box
+    assert f"(default {DEFAULT_DISTANCE})" in text
+
 def test_dedup_recall_and_precision_on_a_labelled_folder_of_copies(tmp_path):
     """benchmarks/dedup_quality.py on scikit-image's photos: JPEG, crop+resize, brightness and mirror copies."""
     out = tmp_path / "dedup.json"

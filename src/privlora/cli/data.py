@@ -8,7 +8,6 @@ import typer
 
 from privlora.cli.choices import PII_OPERATORS, REDACTIONS
 from privlora.cli.common import QUIET, choice, names, offline_defaults, one_line_errors
-from privlora.data.sanitize.dedup import DEFAULT_DISTANCE
 from privlora.errors import UserError
 
 
@@ -34,9 +33,11 @@ def sanitize(
     margin: float = typer.Option(0.1, help="Grow each box by this fraction of its size on every side."),
     dedup: bool = typer.Option(False, "--dedup", help="Keep one image per near-duplicate cluster and list the "
                                "rest (default: only report clusters)."),
-    dedup_distance: int = typer.Option(DEFAULT_DISTANCE, "--dedup-distance", help="pHash bits (of 64) "
-                                       "within which two images are near-duplicates; mirrored copies and "
-                                       "centre crops of up to 6 % per side are compared too."),
+    # default left to SanitizeOptions (dedup.DEFAULT_DISTANCE): importing the sanitizer here would load it
+    # (scipy, OpenCV) on every CLI start; a test keeps the help's number equal to it
+    dedup_distance: int = typer.Option(None, "--dedup-distance", help="pHash bits (of 64) within which two "
+                                       "images are near-duplicates (default 8); mirrored copies and centre "
+                                       "crops of up to 6 % per side are compared too."),
     pii: bool = typer.Option(True, "--pii/--no-pii", help="Scrub PII from tables and captions."),
     entities: str = typer.Option(None, help="PII types to find, comma-separated (default: the built-in set)."),
     operator: str = typer.Option("replace", click_type=choice(PII_OPERATORS),
@@ -84,8 +85,9 @@ def sanitize(
                             keep_text=keep_text, redaction=redaction, margin=margin, max_pixels=max_pixels),
         text=TextOptions(enabled=pii, entities=names(entities) if entities else None, operator=operator,
                          salt=salt, columns=names(columns) if columns else None),
-        dedup=dedup, dedup_distance=dedup_distance, dry_run=dry_run, overwrite=overwrite,
-        **({"workers": workers} if workers else {}))
+        dedup=dedup, dry_run=dry_run, overwrite=overwrite,
+        **({"workers": workers} if workers else {}),
+        **({"dedup_distance": dedup_distance} if dedup_distance is not None else {}))
     result = run_sanitize(src, out, options=options, quiet=quiet)
     for line in summary_lines(result):
         typer.echo(line)
