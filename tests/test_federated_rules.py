@@ -10,7 +10,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
-from privlora.federated.client import LoraClient, privatize
+from privlora.federated.client import LoraClient
+from privlora.federated.dp_client import privatize
 from privlora.federated.rules import FLoRA, Rule, get_rule, lora_layers, weighted_mean
 from privlora.federated.strategy import LoraStrategy, hierarchical_mean
 
@@ -193,7 +194,7 @@ def test_incompatible_settings_are_refused_in_one_line(overrides, message) -> No
 
 def test_privacy_plan_solves_sigma_for_a_target_epsilon_and_keeps_the_ledger() -> None:
     from privlora.federated import client_privacy
-    from privlora.federated.strategy import PrivacyPlan
+    from privlora.federated.privacy_plan import PrivacyPlan
 
     cfg = small_config(rounds=10, clients=5, clients_per_round=2,
                        dp={"mechanism": "gaussian", "target_epsilon": 3.0, "delta": 1e-5})
@@ -208,7 +209,7 @@ def test_privacy_plan_solves_sigma_for_a_target_epsilon_and_keeps_the_ledger() -
 
 
 def test_laplace_schedule_is_loose_early_strict_late_and_composes() -> None:
-    from privlora.federated.strategy import PrivacyPlan
+    from privlora.federated.privacy_plan import PrivacyPlan
 
     cfg = small_config(rounds=4, dp={"mechanism": "laplace", "clip": 2.0, "epsilon_start": 4.0,
                                      "epsilon_end": 1.0, "schedule": "linear"})

@@ -20,9 +20,9 @@ from privlora.config import FederatedConfig
 from privlora.federated import sample_dp
 from privlora.federated.client import LoraClient
 from privlora.federated.data import federated_data
+from privlora.federated.dp_strategy import PrivacyWrapper, build_strategy
 from privlora.federated.rules import weighted_mean
 from privlora.federated.sample_dp import BudgetExhausted, ClientLedger
-from privlora.federated.strategy import LoraStrategy
 
 SMALL = {"clients": 3, "rounds": 2, "data": {"limit": 240}, "client": {"local_steps": 3, "batch_size": 8},
          "quiet": True}
@@ -122,8 +122,8 @@ def test_config_rules() -> None:
 # --- the real client, no Flower ----------------------------------------------------------------------
 
 
-def start(cfg: FederatedConfig, tmp_path: Path) -> tuple[LoraStrategy, list[np.ndarray]]:
-    strategy = LoraStrategy(cfg, tmp_path / "server")
+def start(cfg: FederatedConfig, tmp_path: Path) -> tuple[PrivacyWrapper, list[np.ndarray]]:
+    strategy = build_strategy(cfg, tmp_path / "server")
     return strategy, parameters_to_ndarrays(strategy.initialize_parameters(None))
 
 

@@ -17,8 +17,8 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
 from privlora.federated import client_privacy
+from privlora.federated.dp_strategy import PrivacyWrapper, build_strategy
 from privlora.federated.partition import poisson_clients
-from privlora.federated.strategy import LoraStrategy
 
 NODES = [101, 205, 309, 412, 517, 620, 733, 848, 951, 1064]
 
@@ -29,11 +29,11 @@ def fed_config(**overrides) -> FederatedConfig:
     return FederatedConfig.model_validate({**base, **overrides})
 
 
-def strategy_with_clients(config: FederatedConfig, tmp_path: Path) -> tuple[LoraStrategy, SimpleClientManager]:
+def strategy_with_clients(config: FederatedConfig, tmp_path: Path) -> tuple[PrivacyWrapper, SimpleClientManager]:
     manager = SimpleClientManager()
     for n in NODES[:config.clients]:
         manager.register(GridClientProxy(n, None, 1))  # type: ignore[arg-type]
-    strategy = LoraStrategy(config, tmp_path)
+    strategy = build_strategy(config, tmp_path)  # the LoRA strategy in its privacy wrapper
     strategy.state = [np.zeros((2, 3), np.float32)]  # what travels does not matter here
     return strategy, manager
 

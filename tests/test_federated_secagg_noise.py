@@ -25,10 +25,11 @@ from privlora.config import FederatedConfig
 from privlora.errors import UserError
 from privlora.federated import secagg
 from privlora.federated.app import fit_workflow
-from privlora.federated.client import LoraClient, privatize
+from privlora.federated.client import LoraClient
 from privlora.federated.data import federated_data
+from privlora.federated.dp_client import privatize
+from privlora.federated.dp_strategy import build_strategy
 from privlora.federated.privacy_plan import PrivacyPlan
-from privlora.federated.strategy import LoraStrategy
 
 SIZES = [579, 378, 99, 344, 200]  # the 5-client benchmark's partitions (RMS of the ratios 0.62)
 MOD = 2**32
@@ -163,7 +164,7 @@ def test_a_client_round_divides_its_distributed_noise_by_its_own_weight(tmp_path
     small = min(range(3), key=lambda k: parts[k])
     weight = secagg.upload_factor(parts[small], max(parts), cfg.secagg.quantization_range)
     assert weight < 0.9  # a client well below max_weight, so the rescaling shows
-    strategy = LoraStrategy(cfg, tmp_path)
+    strategy = build_strategy(cfg, tmp_path)
     strategy.initialize_parameters(None)  # type: ignore[arg-type]
     ins = strategy.fit_ins(1, group=3)
     upload, samples, _ = LoraClient(cfg, small).fit([a.copy() for a in strategy.state], dict(ins.config))

@@ -158,16 +158,16 @@ def _secagg_workflow(config: FederatedConfig, clipping_range: float | None = Non
 
 def run_server(grid: Grid, context: Context, config: FederatedConfig, workdir: Path) -> None:
     """The server's whole job: ``rounds`` rounds of the configured workflow."""
-    from privlora.federated.strategy import LoraStrategy
+    from privlora.federated.dp_strategy import build_strategy
 
-    strategy = LoraStrategy(config, workdir)
+    strategy = build_strategy(config, workdir)  # the LoRA strategy inside the configured privacy wrapper
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy)
     if config.asynchronous.enabled:
         from privlora.federated.buffered import run_buffered
 
         run_buffered(grid, legacy, strategy, config)
     else:
-        DefaultWorkflow(fit_workflow=fit_workflow(config, strategy.privacy.secagg_clipping_range()))(grid, legacy)
+        DefaultWorkflow(fit_workflow=fit_workflow(config, strategy.secagg_clipping_range()))(grid, legacy)
 
 
 def server_app_for(config: FederatedConfig, workdir: Path) -> ServerApp:

@@ -115,7 +115,7 @@ def run_buffered(grid: Grid, context: LegacyContext, strategy: Any, config: Fede
             log["accepted"] = len(take)
             log["staleness"] = [b[3] for b in take]
             log["clients"] = [b[2] for b in take]
-            log["epsilon"] = strategy.privacy.record(version, len(take))
+            strategy.close_round(version, len(take))  # the privacy wrapper's ledger: ε into the round's log
             strategy.round_log = log
             strategy.evaluate(version, None)
             log = new_log()

@@ -1,16 +1,14 @@
 """One client's round: load the global adapter, train on local data, send a private, compact upload.
 
-The order matters and is the point of this module: difference to what was received → clip → noise
-(drawn here, on the client, from OS entropy: a seeded noise stream would be predictable from the
-config) → compress → send. Nothing but the encoded upload, its sample count (which the server caps)
-and a few scalar metrics leaves the client. Under ``dp.level: sample`` the noise is added during
-training instead (DP-SGD, :mod:`privlora.federated.sample_dp`) and the upload is not clipped or noised again.
+The order matters and is the point of this module: train → difference to what was received → release
+→ compress → send. Nothing but the encoded upload, its sample count (which the server caps) and a few
+scalar metrics leaves the client. The plain round (:class:`PlainRound`) trains with seeded AdamW and
+releases the difference as it is; privacy wraps it (:mod:`privlora.federated.dp_client`, chosen by
+``dp.level``): client-level DP clips and noises the release, sample-level DP trains with DP-SGD.
 """
 
 from __future__ import annotations
 
-import math
-import secrets
 import time
 from functools import lru_cache
 from typing import Any
@@ -21,9 +19,11 @@ from flwr.client import NumPyClient
 
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
-from privlora.federated import client_privacy, sample_dp, secagg
+from privlora.federated import secagg
+from privlora.federated.client_privacy import l2_norm
 from privlora.federated.compression import get_codec, wire_bytes
 from privlora.federated.data import federated_data
+from privlora.federated.dp_client import LocalRound, wrap_round
 from privlora.federated.rules import FLoRA, get_rule
 
 
@@ -72,37 +72,31 @@ def local_train(task: Any, data: Any, config: FederatedConfig, seed: int) -> flo
     return float(np.mean(losses))
 
 
-def privatize(upload: list[np.ndarray], instructions: dict[str, Any],
-              weight: float = 1.0) -> tuple[list[np.ndarray], float]:
-    """Clip and noise one upload as the server's round instructions say; returns it and its raw norm.
+class PlainRound:
+    """The LoRA client's own round, without privacy: :func:`local_train`, and the difference released
+    as it is (its norm reported)."""
 
-    ``weight``: the factor secure aggregation will multiply this upload by (:func:`secagg.upload_factor`).
-    Distributed noise is divided by it, so that after the multiplication this client's noise still has
-    the std the server asked for and the secure sum carries σC (see :mod:`privlora.federated.secagg`).
-    Local noise is not: each upload is private on its own, and the weighting is post-processing."""
-    mechanism = str(instructions.get("mechanism", "none"))
-    rng = np.random.default_rng(secrets.randbits(128))
-    if mechanism == "gaussian":
-        clipped, norm = client_privacy.clip_l2(upload, float(instructions["clip"]))
-        std = float(instructions["noise_std"])
-        if instructions.get("placement") == "distributed":
-            if not (math.isfinite(weight) and weight > 0):
-                raise UserError(f"the secure-aggregation weight must be a positive number, got {weight}")
-            std /= weight
-        return client_privacy.add_gaussian(clipped, std, rng), norm
-    if mechanism == "laplace":
-        clipped, norm = client_privacy.clip_l1(upload, float(instructions["clip"]))
-        return client_privacy.add_laplace(clipped, float(instructions["laplace_scale"]), rng), norm
-    return upload, client_privacy.l2_norm(upload)
+    def __init__(self, config: FederatedConfig) -> None:
+        self.config = config
+
+    def train(self, task: Any, data: Any, seed: int) -> tuple[float, dict[str, float]]:
+        return local_train(task, data, self.config, seed), {}
+
+    def release(self, upload: list[np.ndarray], instructions: dict[str, Any],
+                weight: float) -> tuple[list[np.ndarray], float]:
+        return upload, l2_norm(upload)
 
 
 class LoraClient(NumPyClient):
-    """A Flower NumPyClient for one data partition."""
+    """A Flower NumPyClient for one data partition. ``local_round``: the round's train and release steps
+    (default: :class:`PlainRound` in the privacy wrapper the config names)."""
 
-    def __init__(self, config: FederatedConfig, partition: int, state: Any = None) -> None:
+    def __init__(self, config: FederatedConfig, partition: int, state: Any = None,
+                 local_round: LocalRound | None = None) -> None:
         self.config = config
         self.partition = partition
         self.state = state  # Flower's per-node Context.state: where sample-level DP keeps the client's ledger
+        self.local_round = local_round if local_round is not None else wrap_round(config, PlainRound(config), state)
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         cfg, pid = self.config, self.partition
@@ -122,16 +116,12 @@ class LoraClient(NumPyClient):
             held = rule.load(task.model, parameters, seed=seed)
         else:
             held = rule.load(task.model, parameters)
-        dp_metrics: dict[str, float] = {}
-        if cfg.dp.level == "sample":  # DP-SGD around the same local round; refuses past the budget
-            loss, dp_metrics = sample_dp.train_round(task, local, cfg, self.state)
-        else:
-            loss = local_train(task, local, cfg, seed)
+        loss, dp_metrics = self.local_round.train(task, local, seed)
         # the server caps counts anyway; under SecAgg+ it cannot see them, so the honest client caps its own
         samples = min(len(local), int(cfg.sample_cap)) if cfg.sample_cap else len(local)
         weight = secagg.upload_factor(samples, secagg.max_weight(cfg), cfg.secagg.quantization_range) \
             if cfg.secagg.enabled else 1.0
-        upload, norm = privatize(rule.upload(task.model, held), config, weight)
+        upload, norm = self.local_round.release(rule.upload(task.model, held), config, weight)
         encoded = get_codec(cfg.compression).encode(upload)
         if pid in faults.corrupt_clients:  # a client that bypasses our encoder (bug or attack): NaNs on the wire
             encoded = [np.full_like(a, np.nan) if a.dtype.kind == "f" else a for a in encoded]

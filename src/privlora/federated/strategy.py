@@ -1,15 +1,19 @@
-"""The server's side: a Flower ``Strategy`` that samples clients, checks and merges their LoRA uploads,
-keeps the privacy ledger (:mod:`privlora.federated.privacy_plan`, which also decides who is sampled) and
-evaluates the global adapter on the server's held-out set.
+"""The server's side: a plain Flower ``Strategy`` that samples clients, checks and merges their LoRA
+uploads (FedIT / FFA-LoRA / FLoRA through one rule object) and evaluates the global adapter on the
+server's held-out set. It holds no privacy code: DP is a wrapper around it
+(:mod:`privlora.federated.dp_strategy`, chosen by ``dp.level``), the way Flower's
+``DifferentialPrivacyServerSideFixedClipping`` wraps any strategy. A wrapper changes this strategy only
+through its two seams — ``sampler`` (who joins a round) and ``upload_bound`` (the largest norm an honest
+upload can have) — and by adding its keys to the FitIns it returns and to ``round_log``.
 
 It is a legacy-API ``Strategy`` on purpose: Flower's SecAgg+ lives in the workflow API
 (``SecAggPlusWorkflow``), which drives exactly this interface — with SecAgg+ on, ``aggregate_fit``
 receives only the securely computed weighted mean, never one client's upload.
 
 What the server does not trust: sample counts (capped at ``sample_cap``), shapes (checked against the
-global state), values (NaN/inf rejected), norms (over ``max_update_norm`` — under DP, the clip plus a
-bound on the noise's norm that fails with probability < 1e-8 — rejected). Rejections are logged per
-round in ``metrics.jsonl`` and the round goes on with the rest.
+global state), values (NaN/inf rejected), norms (over ``upload_bound(dims)``: ``max_update_norm``, or
+what a DP wrapper sets — the clip plus a bound on the noise's norm that fails with probability < 1e-8 —
+rejected). Rejections are logged per round in ``metrics.jsonl`` and the round goes on with the rest.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +34,22 @@ from flwr.server.strategy import Strategy
 
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
-from privlora.federated import aggregation, client_privacy
+from privlora.federated import aggregation
 from privlora.federated.client import fresh_task, task_for
+from privlora.federated.client_privacy import l2_norm
 from privlora.federated.compression import get_codec
 from privlora.federated.data import federated_data
-from privlora.federated.privacy_plan import PrivacyPlan
+from privlora.federated.partition import sample_clients
 from privlora.federated.rules import Rule, get_rule, weighted_mean
-from privlora.federated.sample_plan import SampleLevelPlan
+
+#: who joins a round: (connected node ids, sorted; round number) → the chosen node ids
+Sampler = Callable[[Sequence[int], int], list[int]]
+#: the largest L2 norm an honest upload of ``dims`` values can have (None: no bound)
+UploadBound = Callable[[int], float | None]
 
 
 class LoraStrategy(Strategy):
-    """Flower strategy for FedIT / FFA-LoRA / FLoRA with client DP, compression and hierarchy."""
+    """Flower strategy for FedIT / FFA-LoRA / FLoRA with compression and hierarchy (no privacy: wrap it)."""
 
     def __init__(self, config: FederatedConfig, workdir: Path) -> None:
         super().__init__()
@@ -48,8 +57,8 @@ class LoraStrategy(Strategy):
         self.workdir = Path(workdir)
         self.rule: Rule = get_rule(config.strategy, config.lora.alpha)
         self.codec = get_codec(config.compression)
-        self.privacy: PrivacyPlan | SampleLevelPlan = PrivacyPlan(config) if config.dp.level == "client" \
-            else SampleLevelPlan(config)
+        self.sampler: Sampler = self.fixed_size_sample  # a DP wrapper replaces it (its accountant's sampling)
+        self.upload_bound: UploadBound = lambda dims: config.max_update_norm
         self.data = federated_data(config)
         self.num_labels = len(self.data.train.classes)
         self.state: list[np.ndarray] = []
@@ -62,6 +71,12 @@ class LoraStrategy(Strategy):
         self.started = time.perf_counter()
 
     # --- helpers -------------------------------------------------------------------------------------
+    def fixed_size_sample(self, node_ids: Sequence[int], round_number: int) -> list[int]:
+        """Exactly ``min(clients_per_round, connected)`` nodes, seeded by (seed, round)."""
+        ids = sorted(int(n) for n in node_ids)
+        return sample_clients(ids, min(self.config.per_round(), len(ids)), seed=self.config.seed,
+                              round_number=round_number) if ids else []
+
     def _scheduled_rank(self, round_number: int) -> int:
         schedule = self.config.lora.rank_schedule or {}
         rank = self.config.lora.rank
@@ -88,8 +103,8 @@ class LoraStrategy(Strategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        """This round's sampled clients and what they receive (possibly nobody: a DP round is a Poisson
-        draw). With secure aggregation inside edges (:class:`EdgeSecAggWorkflow`) it is called once per
+        """This round's sampled clients and what they receive (possibly nobody: a DP wrapper's sampler
+        may draw no one). With secure aggregation inside edges (:class:`EdgeSecAggWorkflow`) it is called once per
         edge and returns that edge's share of one sample drawn at the round's first call."""
         edges = self.config.hierarchy.edges
         if self.edge is not None and self.edge > 0 and self._round_sample:
@@ -102,7 +117,7 @@ class LoraStrategy(Strategy):
         client_manager.wait_for(min(self.config.per_round(), self.config.clients),
                                 timeout=int(self.config.round_timeout))
         by_node = {p.node_id: p for p in client_manager.all().values()}
-        chosen = self.privacy.sample(sorted(by_node), server_round)
+        chosen = self.sampler(sorted(by_node), server_round)
         ins = self.fit_ins(server_round, len(chosen))
         self.round_log = {"round": server_round, "rank": self.rank, "sampled": len(chosen), "accepted": 0,
                           "failures": 0, "bytes_down_per_client": sum(len(t) for t in ins.parameters.tensors),
@@ -121,10 +136,10 @@ class LoraStrategy(Strategy):
         return [(by_node[n], ins) for n in mine]
 
     def fit_ins(self, server_round: int, group: int = 1) -> FitIns:
-        """What every client of this round receives: the global state and the round's instructions
-        (``group``: how many sampled clients' noise adds up in the sum they are part of)."""
-        instructions: dict[str, Scalar] = {"round": server_round, "rank": self.rank,
-                                           **self.privacy.instructions(server_round, group)}
+        """What every client of this round receives: the global state, the round and the rank
+        (``group``: how many clients share the sum this one is part of — unused here, a DP wrapper sizes
+        distributed noise by it)."""
+        instructions: dict[str, Scalar] = {"round": server_round, "rank": self.rank}
         return FitIns(ndarrays_to_parameters(self.state), instructions)
 
     def _check(self, upload: list[np.ndarray]) -> str | None:
@@ -137,16 +152,17 @@ class LoraStrategy(Strategy):
                 return f"array {k} has shape {tuple(a.shape)}, expected {shape}"
             if not np.isfinite(a).all():
                 return f"array {k} holds NaN or infinite values"
-        bound = self.privacy.max_norm(sum(a.size for a in upload))
-        norm = client_privacy.l2_norm(upload)
+        bound = self.upload_bound(sum(a.size for a in upload))
+        norm = l2_norm(upload)
         if bound is not None and norm > bound:
             return f"update norm {norm:.4g} exceeds the bound {bound:.4g}"
         return None
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Merge the round's checked uploads. Metrics: ``accepted``; ``partial`` when this was one edge's
+        secure mean (the round is complete only after :meth:`merge_edges`)."""
         log = self.round_log
-        self.privacy.observe(results)  # sample-level DP: each client's round, before any rejection
         log["failures"] = log.get("failures", 0) + len(failures) if self.edge else len(failures)
         if self.config.secagg.enabled:
             # the FitRes parameters all hold the secure mean; the clients' own payload size is their metric
@@ -161,7 +177,7 @@ class LoraStrategy(Strategy):
                 weight = sum(min(r.num_examples, self.config.sample_cap or r.num_examples) for _, r in results)
                 self.edge_means.append((parameters_to_ndarrays(results[0][1].parameters), float(weight),
                                         len(results), self.edge))
-            return ndarrays_to_parameters(self.state), {"accepted": len(results)}
+            return ndarrays_to_parameters(self.state), {"accepted": len(results), "partial": True}
         if self.config.secagg.enabled:
             accepted = len(results)
             if results:  # every FitRes carries the same securely aggregated mean
@@ -170,12 +186,12 @@ class LoraStrategy(Strategy):
             log.update(accepted=accepted, rejected=[])
         else:
             accepted = self._merge_checked(results, log)
-        log["epsilon"] = self.privacy.record(server_round, accepted, planned=int(log.get("sampled", accepted)))
         return ndarrays_to_parameters(self.state), {"accepted": accepted}
 
-    def merge_edges(self, server_round: int) -> None:
+    def merge_edges(self, server_round: int) -> tuple[int, list[tuple[int, int]]]:
         """The cloud's step after every edge ran SecAgg+: the edges' means weighted by their (capped)
-        sample totals. The cloud never sees a client's upload, only one mean per edge."""
+        sample totals. The cloud never sees a client's upload, only one mean per edge. Returns the
+        accepted count and (sampled, survived) per edge's released sum, for a DP wrapper's ledger."""
         log = self.round_log
         accepted = sum(n for _, _, n, _ in self.edge_means)
         if self.edge_means:
@@ -184,9 +200,9 @@ class LoraStrategy(Strategy):
             self.state = self.rule.apply_mean(self.state, weighted_mean(means, w / w.sum()))
         log.update(accepted=accepted, rejected=[], edges=len(self.edge_means))
         groups = [(self._edge_sizes.get(edge, n), n) for _, _, n, edge in self.edge_means]
-        log["epsilon"] = self.privacy.record(server_round, accepted, groups=groups)
         self.edge_means = []
         self._round_sample = None
+        return accepted, groups
 
     def decode_checked(self, res: FitRes) -> tuple[list[np.ndarray] | None, str | None]:
         """A client's decoded upload, or None and why it is rejected."""
@@ -231,22 +247,15 @@ class LoraStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[float | None, dict]:
         return None, {}
 
-    def close_round(self, server_round: int) -> None:
-        """Make sure the round is in the ledger. A round with nobody sampled (a Poisson draw can be
-        empty) or a SecAgg+ round that halted (fewer than 2 clients) never reaches ``aggregate_fit``:
-        the global state stays as it was, and the round still counts."""
-        self.round_log["epsilon"] = self.privacy.record(server_round, 0)
-
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         accuracy, loss = self._model(self.state).score(self.data.test)
         line = {"round": server_round, "accuracy": accuracy, "loss": loss}
         if server_round > 0:
-            self.close_round(server_round)
             line.update({k: v for k, v in self.round_log.items() if k != "round_started"})
             line["round_seconds"] = time.perf_counter() - self.round_log.get("round_started", self.started)
             line["accuracy"], line["loss"] = accuracy, loss
         else:
-            line["epsilon"] = self.privacy.spent()
+            line.update(self.round_log)  # before round 1: only what a wrapper put there (its ledger's ε)
         with (self.workdir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(line) + "\n")
         if server_round == self.config.rounds:
@@ -254,11 +263,11 @@ class LoraStrategy(Strategy):
         return loss, {"accuracy": accuracy}
 
     def finish(self) -> None:
-        """Write the global adapter and the privacy ledger (the last round's evaluation calls this)."""
+        """Write the global adapter (the last round's evaluation calls this; a DP wrapper then writes
+        privacy.json)."""
         from privlora.federated.adapter import save_global_adapter
 
         save_global_adapter(self.rule, self.state, self.config, self.num_labels, self.workdir / "adapter")
-        (self.workdir / "privacy.json").write_text(json.dumps(self.privacy.report(), indent=2) + "\n")
 
 
 def edge_of(node_id: int, by_node: dict, edges: int) -> int:
