@@ -23,8 +23,10 @@ $(VENV)/.torch: | $(VENV)/bin/python
 
 # rapidocr-onnxruntime depends on the GUI opencv-python (needs libGL; OpenCV 5 has no Haar cascades):
 # drop it and put the headless 4.x build back, last, so that `import cv2` is the headless one.
+# every extra (registry, split, federated, postgres, distributed: pyproject.toml), so the tests see all of privlora
+EXTRAS := dev,registry,split,federated,postgres,distributed
 $(STAMP): $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
 	$(PIP) uninstall -q -y opencv-python opencv-contrib-python
 	$(PIP) install -q --force-reinstall --no-deps "opencv-python-headless>=4.8,<5"
 	touch $@

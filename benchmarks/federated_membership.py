@@ -8,10 +8,12 @@ unmatched comparison would measure the label, not membership). Score: −cross-e
 ``privlora.audit.metrics.summarize`` (AUC with bootstrap CI, TPR at 1 % FPR, empirical privacy =
 1 − balanced accuracy); the AUC is cross-checked with scikit-learn.
 
-Runs on the run directories of benchmarks/federated_accuracy.py (FFA without DP, with DP at ε = 8 and
-ε = 3); runs them first if they are missing.
+Runs on the run directories of benchmarks/federated_accuracy.py (FFA without DP, with client-level DP at
+ε = 8 and ε = 3; runs them first if they are missing), and with ``--sample-dp`` on those of
+benchmarks/federated_sample_dp.py (FFA-LoRA and FedIT without DP and with sample-level DP at ε = 8, 3, 1),
+where client 0's own ε (its ledger in privacy.json) stands beside the AUC.
 
-    python benchmarks/federated_membership.py
+    python benchmarks/federated_membership.py [--sample-dp]
 
 Writes benchmarks/results/federated_membership.json.
 """
@@ -35,6 +37,8 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "federated_membership.json"
 WORK = HERE / ".work" / "fed"
 RUNS = ("ffa", "ffa_dp_eps8", "ffa_dp_eps3")
+SAMPLE_DP_WORK = HERE / ".work" / "fed-sample-dp"
+SAMPLE_DP_RUNS = tuple(f"{s}-5c{dp}" for s in ("ffa", "fedit") for dp in ("", "-sdp-eps8", "-sdp-eps3", "-sdp-eps1"))
 
 
 def matched_non_members(members_labels: list[int], test_labels: list[int], seed: int) -> list[int]:
@@ -46,14 +50,29 @@ def matched_non_members(members_labels: list[int], test_labels: list[int], seed:
     return [rng.choice(by_class[y]) for y in members_labels if by_class.get(y)]
 
 
-def main() -> None:
-    if not all((WORK / r / "adapter").is_dir() for r in RUNS):
+def client_epsilon(privacy: dict, client: int) -> float | None:
+    """The audited client's own ε: its ledger entry under sample-level DP, the run's ε otherwise."""
+    entries = privacy.get("clients")
+    if not entries:
+        return privacy.get("epsilon")
+    entry = next((c for c in entries if c.get("client") == client), None)
+    return None if entry is None else entry.get("epsilon")
+
+
+def main(sample_dp: bool = False) -> None:
+    work, names = (SAMPLE_DP_WORK, SAMPLE_DP_RUNS) if sample_dp else (WORK, RUNS)
+    missing = [r for r in names if not (work / r / "adapter").is_dir()]
+    if missing and sample_dp:
+        raise SystemExit(f"run benchmarks/federated_sample_dp.py first (missing: {', '.join(missing)})")
+    if missing:
         from federated_accuracy import main as run_accuracy
 
         run_accuracy()
-    results: dict = {"client": 0, "score": "-cross_entropy", "runs": {}}
-    for name in RUNS:
-        run = WORK / name
+    results: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results.update({"client": 0, "score": "-cross_entropy"})
+    results.setdefault("runs", {})
+    for name in names:
+        run = work / name
         config = load_config(run / "config.yaml", model=FederatedConfig)
         data = federated_data(config)
         members = data.parts[0]
@@ -68,9 +87,11 @@ def main() -> None:
         figures = summarize(scores, labels, delta=0.0)
         figures["auc_sklearn"] = float(roc_auc_score(labels, scores))
         privacy = json.loads((run / "privacy.json").read_text())
-        figures.update({"epsilon": privacy.get("epsilon"), "members": len(members), "non_members": len(non)})
+        figures.update({"epsilon": client_epsilon(privacy, 0), "members": len(members), "non_members": len(non),
+                        "dp_level": (privacy.get("level") or "client") if privacy.get("epsilon") is not None
+                        or privacy.get("clients") else None})
         results["runs"][name] = figures
-        print(f"{name:<12} ε {figures['epsilon']}  AUC {figures['auc']:.3f} "
+        print(f"{name:<18} ε {figures['epsilon']}  AUC {figures['auc']:.3f} "
               f"[{figures['auc_ci_low']:.3f}, {figures['auc_ci_high']:.3f}]  TPR@1%FPR {figures['tpr_at_0.01_fpr']}"
               f"  empirical privacy {figures['empirical_privacy']:.3f}")
     RESULTS.parent.mkdir(exist_ok=True)
@@ -79,4 +100,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sample_dp="--sample-dp" in sys.argv)

@@ -38,7 +38,7 @@ def _option_line(help_text: str, option: str) -> str:
 
 @pytest.mark.parametrize(("command", "option", "metavar"), [
     (["train"], "--mode", "[plain|dp|mp|smp]"),
-    (["train"], "--task", "[image|text]"),
+    (["train"], "--task", "[image|text|causal-lm]"),
     (["federate"], "--strategy", "[ffa|fedit|flora]"),
     (["unlearn"], "--method", "[target|neggrad+|salun|retrain]"),
     (["audit"], "--dp-canary-kind", "[noise|blocks|coarse|gradient]"),
@@ -113,6 +113,7 @@ def _literal(model: str, path: str) -> tuple[str, ...]:
     ("UNLEARN_METHODS", lambda: importlib.import_module("privlora.unlearn.methods").METHODS),
     ("LOG_LEVELS", lambda: importlib.import_module("uvicorn.config").LOG_LEVELS),
     ("DP_AUDIT_KINDS", lambda: importlib.import_module("privlora.audit.dp_audit_kinds").DP_AUDIT_KINDS),
+    ("SPLITS", lambda: importlib.import_module("privlora.data.split_presets").SPLIT_PRESETS),
 ])
 def test_written_out_choices_match_the_library(name, truth):
     """The CLI spells its choice sets out (listing them must not import torch); they are the library's."""

@@ -20,6 +20,7 @@ from privlora.config_yaml import (  # noqa: F401 - re-exported: privlora.config 
     read_yaml,
     safe_yaml,
 )
+from privlora.data.split_presets import DEFAULT_SPLIT, SPLIT_PRESETS, with_preset
 from privlora.errors import UserError
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
@@ -42,9 +43,10 @@ class DataOptions(Strict):
     #: demo:faces | demo:digits | an image folder | a save_to_disk folder | a dataset name in the HF cache
     source: str = "demo:faces"
     resolution: int | None = Field(None, ge=8, le=2048)  # None: the base model's own size
-    members: float = Field(0.32, gt=0, le=1)  # fraction trained on
-    aux: float = Field(0.32, ge=0, lt=1)  # fraction only MP/SMP's proxy attacker may see
-    eval: float = Field(0.36, ge=0, lt=1)  # fraction only the audit may see
+    split: str = DEFAULT_SPLIT  # a preset of the three fractions below (data/split_presets.py): train | audit
+    members: float = Field(SPLIT_PRESETS[DEFAULT_SPLIT]["members"], gt=0, le=1)  # fraction trained on
+    aux: float = Field(SPLIT_PRESETS[DEFAULT_SPLIT]["aux"], ge=0, lt=1)  # fraction only MP/SMP's proxy attacker may see
+    eval: float = Field(SPLIT_PRESETS[DEFAULT_SPLIT]["eval"], ge=0, lt=1)  # fraction only the audit may see
     #: diffusers' semantics: resize the shorter side to ``resolution``, then crop its centre (True) or a
     #: random square per training step (False; the audit and utility still read the centre crop)
     center_crop: bool = True
@@ -61,6 +63,10 @@ class DataOptions(Strict):
     caption_column: str | None = None
     text_column: str | None = None
     label_column: str | None = None
+
+    @model_validator(mode="before")
+    def _preset(cls, values: Any) -> Any:  # explicit fractions win over data.split's
+        return with_preset(values) if isinstance(values, dict) else values
 
     @model_validator(mode="after")
     def _fractions(self) -> DataOptions:
@@ -152,8 +158,8 @@ class PrivacyStopOptions(Strict):
 class TrainConfig(Strict):
     name: str = "run"
     out: Path = Path("runs/demo")
-    task: Literal["image", "text"] = "image"  # diffusion on images | sentence classification on text
-    base: str = "embedded"  # image: embedded | diffusers folder or id; text: minilm | a BERT folder
+    task: Literal["image", "text", "causal-lm"] = "image"  # diffusion | sentence classification | instruction LM
+    base: str = "embedded"  # image: embedded | diffusers folder/id; text: minilm | BERT; causal-lm: embedded-lm | an LM
     mode: Literal["plain", "dp", "mp", "smp"] = "plain"
     seed: int = 0
     device: str = "cpu"
@@ -188,26 +194,26 @@ class TrainConfig(Strict):
         if self.mode == "dp" and o.gradient_checkpointing:
             raise ValueError("optim.gradient_checkpointing cannot run with mode dp: Opacus loses the "
                              "per-sample gradients of recomputed blocks (measured: 37 of 100 LoRA tensors)")
-        if self.task == "text" and (o.gradient_checkpointing or self.data.random_flip or not self.data.center_crop):
+        if self.task != "image" and (o.gradient_checkpointing or self.data.random_flip or not self.data.center_crop):
             raise ValueError("gradient checkpointing, random flip and random crop are for image runs only")
-        if self.task == "text" and (self.data.cache_latents or self.validation.prompt is not None):
+        if self.task != "image" and (self.data.cache_latents or self.validation.prompt is not None):
             raise ValueError("data.cache_latents and validation images are for image runs only")
         return self
 
     @model_validator(mode="after")
     def _text_defaults(self) -> TrainConfig:
-        """A text run that names no base, data or LoRA targets gets the text task's, not the image ones."""
-        if self.task != "text":
+        """A text or causal-lm run that names no base, data or LoRA targets gets its task's, not the image ones."""
+        if self.task == "image":
             return self
         if self.lora.full_finetune:
-            raise ValueError("lora.full_finetune is for the image benchmark only, not the text task")
-        update: dict[str, Any] = {}
+            raise ValueError(f"lora.full_finetune is for the image benchmark only, not the {self.task} task")
+        text, update = self.task == "text", dict[str, Any]()  # causal-lm's targets "auto": the LM family's
         if "base" not in self.model_fields_set or self.base == "embedded":
-            update["base"] = "minilm"
+            update["base"] = "minilm" if text else "embedded-lm"
         if "source" not in self.data.model_fields_set:
-            update["data"] = self.data.model_copy(update={"source": "demo:tweets"})
+            update["data"] = self.data.model_copy(update={"source": "demo:tweets" if text else "demo:support"})
         if "targets" not in self.lora.model_fields_set:
-            update["lora"] = self.lora.model_copy(update={"targets": TEXT_TARGETS})
+            update["lora"] = self.lora.model_copy(update={"targets": TEXT_TARGETS if text else ("auto",)})
         return self.model_copy(update=update) if update else self
 
 

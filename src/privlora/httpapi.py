@@ -12,9 +12,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from privlora.extras import missing_extra
+
+try:  # the split server/client and the registry share this module: a missing extra is one line naming both
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+except ModuleNotFoundError as e:
+    raise (missing_extra(e) or e) from None
 
 ERROR_SCHEMA: dict[str, Any] = {"type": "object", "required": ["error"],
                                 "properties": {"error": {"type": "string", "description": "one-line reason"}}}

@@ -19,6 +19,7 @@ from typing import Any
 
 from privlora.data.splits import Splits
 from privlora.errors import UserError
+from privlora.extras import require
 
 #: no telemetry, no log de-duplication, no uv runtime env: what an offline audit machine needs
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
@@ -101,6 +102,7 @@ def _check_reachable(address: str) -> None:
 
 def _start_ray(address: str | None, cpus: int, gpus: int) -> bool:
     """Connect to (or start) Ray; True when this call started the connection and must shut it down."""
+    require("federated", "ray")  # Ray comes with Flower's simulation engine
     import ray
 
     if ray.is_initialized():  # someone else's Ray (a notebook, a Ray job): use it, leave it running
@@ -160,6 +162,7 @@ def _resources(device: str, concurrency: int, local: bool) -> tuple[int, float, 
 
 def train_on_ray(jobs: list[ReferenceJob], *, concurrency: int, address: str | None, quiet: bool = True) -> None:
     """Train ``jobs`` as Ray tasks, at most ``concurrency`` at a time; wait for all; raise on the first failure."""
+    require("federated", "ray")
     import ray
     from ray.exceptions import RayError
 

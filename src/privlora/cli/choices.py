@@ -5,7 +5,7 @@ registry or config type it mirrors, so the two cannot drift apart."""
 from __future__ import annotations
 
 MODES = ("plain", "dp", "mp", "smp")  # TrainConfig.mode
-TASKS = ("image", "text")  # TrainConfig.task
+TASKS = ("image", "text", "causal-lm")  # TrainConfig.task
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                  "polynomial")  # OptimOptions.lr_scheduler
 PRECISIONS = ("no", "fp16", "bf16")  # OptimOptions.mixed_precision
@@ -25,3 +25,4 @@ TEE_KEYS = ("sealed", "provisioned")  # tee.manifest.KEY_SOURCES
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's --log-level
 EXPORT_FORMATS = ("peft", "diffusers", "kohya")  # export.FORMATS
 REPORTERS = ("none", "tensorboard", "mlflow")  # train.reporters.REPORTERS (--report-to)
+SPLITS = ("train", "audit")  # data.split_presets.SPLIT_PRESETS (data.split, train --split)

@@ -62,6 +62,13 @@ def one_line_errors(fn: F) -> F:
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(code=e.exit_code) from None
+        except ModuleNotFoundError as e:  # an optional part (privlora.extras) that is not installed
+            from privlora.extras import missing_extra
+
+            if (hint := missing_extra(e)) is None:
+                raise
+            typer.echo(f"error: {hint}", err=True)
+            raise typer.Exit(code=hint.exit_code) from None
         except Exception as e:  # noqa: BLE001 - only file failures are handled, the rest re-raised
             from privlora.errors import file_error
 
@@ -103,6 +110,9 @@ def overrides(named: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
     if target is not None and sigma is None:
         named["dp.noise_multiplier"] = CLEAR
     result: dict[str, Any] = dict(parse_assignment(a) for a in assignments)
+    if named.get("data.split") is not None:  # a named preset replaces the file's fractions, not --set's
+        for key in ("data.members", "data.aux", "data.eval"):
+            result.setdefault(key, CLEAR)
     result.update({k: v for k, v in named.items() if v is not None})
     return result
 

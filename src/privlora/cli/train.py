@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from privlora.cli.choices import LR_SCHEDULERS, MODES, PRECISIONS, REPORTERS, TASKS
+from privlora.cli.choices import LR_SCHEDULERS, MODES, PRECISIONS, REPORTERS, SPLITS, TASKS
 from privlora.cli.common import QUIET, choice, group, offline_defaults, one_line_errors, overrides
 
 base_app = group(help="The embedded base model: how it was made.")
@@ -28,18 +28,25 @@ def train(
     mode: str = typer.Option(None, click_type=choice(MODES), help="plain (no privacy) | dp (DP-LoRA) | mp | "
                              "smp (MP-/SMP-LoRA against a membership attacker); default: the config's, else plain."),
     task: str = typer.Option(None, click_type=choice(TASKS), help="image (diffusion, default) | text (MiniLM "
-                             "sentence classifier on demo:tweets or a CSV/JSONL with text,label)."),
+                             "sentence classifier on demo:tweets or a CSV/JSONL with text,label) | causal-lm "
+                             "(LoRA instruction tuning of a causal LM on demo:support or a prompt/response JSONL)."),
     out: Path = typer.Option(None, help="Run directory to create (written atomically)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Number of LoRA updates."),
     num_train_epochs: int = typer.Option(
         None, "--num-train-epochs", help="Instead of --max-steps: N passes over the members, i.e. "
         "ceil(N × members / (K×B)) updates. dp: an epoch is the expected members/(K×B) Poisson batches "
         "(each member sampled once per epoch on average, not exactly once)."),
-    base: str = typer.Option(None, help="'embedded', a diffusers folder or model id (UNet2DModel or SD)."),
+    base: str = typer.Option(None, help="'embedded', a diffusers folder or model id (UNet2DModel or SD); "
+                             "causal-lm: 'embedded-lm', a transformers causal-LM folder or cached model name."),
     data: str = typer.Option(None, help="demo:faces | demo:digits | demo:idcards | image folder (metadata.jsonl/"
                              ".csv, .caption/.txt sidecars, kohya N_name repeat folders) | datasets save_to_disk "
                              "folder | dataset name in the local HF cache (offline); text: demo:tweets | CSV/JSONL "
-                             "file | save_to_disk folder | cached dataset name."),
+                             "file | save_to_disk folder | cached dataset name; causal-lm: demo:support | JSONL "
+                             "(prompt/response or messages)."),
+    split: str = typer.Option(None, "--split", click_type=choice(SPLITS), help="Which share of the data trains: "
+                              "train (default: 80 % members, 10 % aux non-members for MP/SMP's attacker, 10 % eval "
+                              "non-members for the audit) | audit (32/32/36 %, the demo's and benchmarks' split). "
+                              "Replaces the config's data.members/aux/eval; --set data.members=… still overrides it."),
     image_column: str = typer.Option(None, "--image-column", help="Hugging Face data: the image column "
                                      "(default: the Image feature, else 'image')."),
     caption_column: str = typer.Option(None, "--caption-column", help="Caption column of a Hugging Face "
@@ -117,7 +124,7 @@ def train(
     named: dict[str, Any] = {
         "mode": mode, "task": task, "out": str(out) if out else None, "optim.max_steps": max_steps, "base": base,
         "data.source": data, "data.image_column": image_column, "data.caption_column": caption_column,
-        "data.text_column": text_column, "data.label_column": label_column,
+        "data.text_column": text_column, "data.label_column": label_column, "data.split": split,
         "seed": seed, "optim.batch_size": batch_size, "optim.lr": lr, "lora.rank": rank,
         "dp.noise_multiplier": noise_multiplier, "dp.target_epsilon": target_epsilon,
         "dp.max_grad_norm": max_grad_norm, "dp.delta": delta, "mp.alpha": alpha, "mp.beta": beta,
@@ -162,6 +169,11 @@ def train(
     def loss(key: str) -> str:
         return "n/a" if u.get(key) is None else f"{u[key]:.4f}"
 
+    if "perplexity_heldout" in u:  # the causal-lm task
+        typer.echo(f"  held-out response loss {loss('loss_heldout')} (base {loss('base_loss_heldout')}), "
+                   f"perplexity {loss('perplexity_heldout')} (base {loss('base_perplexity_heldout')}); "
+                   f"members {loss('loss_members')} (base {loss('base_loss_members')})")
+        return
     if "accuracy_heldout" in u:  # the text task
         acc = "n/a" if u["accuracy_heldout"] is None else f"{u['accuracy_heldout']:.3f}"
         majority = "n/a" if u["majority_class_heldout"] is None else f"{u['majority_class_heldout']:.3f}"

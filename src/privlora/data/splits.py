@@ -33,6 +33,12 @@ class Splits:
         return {"source": self.source, "seed": self.seed, "members": self.members,
                 "aux_nonmembers": self.aux, "eval_nonmembers": self.eval}
 
+    def summary(self, total: int, label: str) -> str:
+        """One line for the start of training: the counts actually used, and the preset they came from."""
+        return (f"split: {len(self.members)} members (trained on), {len(self.aux)} aux non-members (MP/SMP's "
+                f"attacker only), {len(self.eval)} eval non-members (audit only) of {total} "
+                f"({label}; splits.json)")
+
     def save(self, run_dir: Path) -> None:
         write_json_atomic(run_dir / SPLITS, self.to_json())
 

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
+from privlora.extras import missing_extra
+
+try:  # the 'registry' extra
+    import sqlalchemy as sa
+except ModuleNotFoundError as e:
+    raise (missing_extra(e) or e) from None
 
 if TYPE_CHECKING:
     from privlora.registry.signing import LogSigner

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy.exc as sa_exc
+from privlora.extras import missing_extra
+
+try:  # the 'registry' extra
+    import sqlalchemy.exc as sa_exc
+except ModuleNotFoundError as e:
+    raise (missing_extra(e) or e) from None
 
 from privlora.errors import UserError
 from privlora.httpapi import Refusal

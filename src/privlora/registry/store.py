@@ -20,7 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
+from privlora.extras import missing_extra
+
+try:  # the 'registry' extra
+    import sqlalchemy as sa
+except ModuleNotFoundError as e:
+    raise (missing_extra(e) or e) from None
 
 from privlora.registry.ledger import _META  # one metadata: the log lives in the same database
 

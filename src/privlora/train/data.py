@@ -89,8 +89,19 @@ def _text_task_and_data(config: TrainConfig, spec: Any) -> tuple[Any, Any]:
     return task, data
 
 
+def _causal_lm_task_and_data(config: TrainConfig, spec: Any) -> tuple[Any, Any]:
+    from privlora.data.instructions import load_instruction_dataset
+    from privlora.tasks.causal_lm import CausalLMTask
+
+    if config.mode in ("mp", "smp") and config.mp.attacker != "paper":
+        raise UserError("the causal-lm task's proxy attacker reads its per-token loss statistics "
+                        "(mp.attacker: paper); the calibrated view is for diffusion runs")
+    data = load_instruction_dataset(config.data.source, limit=config.data.limit)
+    return CausalLMTask(config.base, lora=spec, seed=config.seed, device=config.device), data
+
+
 #: config.task → loader of (Task, dataset)
-TASK_LOADERS = {"image": _image_task_and_data, "text": _text_task_and_data}
+TASK_LOADERS = {"image": _image_task_and_data, "text": _text_task_and_data, "causal-lm": _causal_lm_task_and_data}
 
 
 def load_task_and_data(config: TrainConfig, spec: Any) -> tuple[Any, Any]:

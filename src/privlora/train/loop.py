@@ -22,6 +22,7 @@ import torch
 
 from privlora.config import TrainConfig, dump_config
 from privlora.data.imageset import ImageSet
+from privlora.data.split_presets import FRACTIONS, split_label
 from privlora.data.splits import Splits, make_splits
 from privlora.errors import UserError, file_error
 from privlora.progress import progress_bar
@@ -36,6 +37,7 @@ from privlora.train.distributed import World, refuse_small_batch, sum_before_noi
 from privlora.train.distributed import start as start_processes
 from privlora.train.dp import GradientCanaryHook, PrivateTraining, resolve
 from privlora.train.epochs import with_epoch_steps
+from privlora.train.lm_utility import measure_lm_utility
 from privlora.train.objectives import OBJECTIVES, Objective
 from privlora.train.precision import Precision
 from privlora.train.privacy_stop import PrivacyStop
@@ -52,7 +54,7 @@ from privlora.train.utility import measure_utility
 from privlora.train.validation import Validation
 
 #: config.task → utility measure written to utility.json
-UTILITY = {"image": measure_utility, "text": measure_text_utility}
+UTILITY = {"image": measure_utility, "text": measure_text_utility, "causal-lm": measure_lm_utility}
 
 
 class Interrupted(UserError):
@@ -148,7 +150,8 @@ def _check_resumable(config: TrainConfig, run: Path) -> None:
     saved = load_config(run / "config.yaml").model_dump(mode="json")
     now = config.model_dump(mode="json")
     # out: the same run, however its path is spelt; how often checkpoints are taken changes no result
-    ignored = {"resume", "quiet", "device", "out", "checkpoint_every", "checkpoint_minutes", "report_to"}
+    ignored = {"resume", "quiet", "device", "out", "checkpoint_every", "checkpoint_minutes", "report_to",
+               "data.split"}  # the preset's name: its fractions are compared
 
     def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         items: dict[str, Any] = {}
@@ -215,6 +218,9 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
         splits = Splits.load(run) if config.resume else splits or make_splits(
             data, members=config.data.members, aux=config.data.aux, eval=config.data.eval,
             seed=config.seed, source=config.data.source)
+        if world.writes and not config.quiet:  # which share of the data trains is never silent
+            fractions = {k: getattr(config.data, k) for k in FRACTIONS}
+            print(splits.summary(len(data), split_label(config.data.split, fractions)), flush=True)
         members, aux = data.by_ids(splits.members), data.by_ids(splits.aux)
         if isinstance(members, ImageSet):  # kohya repeat folders: split by source image, then repeat
             members = members.expanded()

