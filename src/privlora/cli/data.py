@@ -27,6 +27,12 @@ def sanitize(
                                           "texture such as fur or foliage)."),
     keep_text: bool = typer.Option(False, "--keep-text", help="Also read detected text and list it in the "
                                    "report (off by default: the report would then hold what was redacted)."),
+    scene_text: bool = typer.Option(True, "--scene-text/--no-scene-text", help="Also look for text in contrast-"
+                                    "equalised, inverted and 2× upscaled copies (name tags, patches, signs; "
+                                    "5-7× the text detector's time)."),
+    read_back: bool = typer.Option(True, "--read-back/--no-read-back", help="Read each output image again and "
+                                   "redact any word the OCR read in the input and can still read (up to 3 "
+                                   "passes; listed in the report)."),
     redaction: str = typer.Option("fill", click_type=choice(REDACTIONS),
                                   help="fill (solid box, removes everything) | pixelate | blur "
                                   "(weakest: partly invertible)."),
@@ -82,7 +88,8 @@ def sanitize(
     options = SanitizeOptions(
         images=ImageOptions(faces=names(faces), face_confidence=face_confidence, text=names(text),
                             text_confidence=text_confidence,
-                            keep_text=keep_text, redaction=redaction, margin=margin, max_pixels=max_pixels),
+                            keep_text=keep_text, scene_text=scene_text, read_back=read_back,
+                            redaction=redaction, margin=margin, max_pixels=max_pixels),
         text=TextOptions(enabled=pii, entities=names(entities) if entities else None, operator=operator,
                          salt=salt, columns=names(columns) if columns else None),
         dedup=dedup, dry_run=dry_run, overwrite=overwrite,

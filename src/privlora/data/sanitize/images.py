@@ -16,8 +16,10 @@ from privlora.data.sanitize import text_regions as _text  # noqa: F401  (registe
 from privlora.data.sanitize.dedup import Signature, signature
 from privlora.data.sanitize.detections import Detection, Detector, build, merge
 from privlora.data.sanitize.metadata import bare_pixels, encode, findings
+from privlora.data.sanitize.readback import read_back
 from privlora.data.sanitize.redact import get_redactor, padded, redact
 from privlora.data.sanitize.report import FileReport, Finding, SkipFile
+from privlora.data.sanitize.text_regions import Reading
 
 #: refuse images above this many pixels (decompression bombs); 8192×8192 by default
 MAX_PIXELS = 8192 * 8192
@@ -32,6 +34,8 @@ class ImageOptions:
     text: Sequence[str] = ("rapidocr",)
     text_confidence: float | None = None
     keep_text: bool = False
+    scene_text: bool = True  # also detect on enhanced variants (text_regions.variants)
+    read_back: bool = True  # re-read the output, redact input words still legible (readback.py)
     redaction: str = "fill"
     margin: float = 0.1
     max_pixels: int = MAX_PIXELS
@@ -77,15 +81,27 @@ class ImageSanitizer:
         for det in self.detectors:  # settings only some detectors have
             if hasattr(det, "read"):
                 det.read = options.keep_text
+            if hasattr(det, "scene"):
+                det.scene = options.scene_text
             if hasattr(det, "threads"):
                 det.threads = threads or os.cpu_count() or 1
 
-    def detect(self, rgb: np.ndarray) -> dict[str, list[Detection]]:
-        """Every detector's boxes, by kind (``face``, ``text``), clipped to the image."""
+        #: the OCR the read-back reads with (the first text detector that can read every box), or None
+        self.reader = next((d for d in self.detectors if hasattr(d, "readings")), None) if options.read_back \
+            else None
+
+    def detect(self, rgb: np.ndarray, readings: list[Reading] | None = None) -> dict[str, list[Detection]]:
+        """Every detector's boxes, by kind (``face``, ``text``), clipped to the image. With ``readings``
+        (a list to fill), the read-back's reader reads every box once into it and keeps its confirmed ones."""
         h, w = rgb.shape[:2]
         found: dict[str, list[Detection]] = {}
         for det in self.detectors:
-            found.setdefault(det.kind, []).extend(d.clipped(w, h) for d in det.detect(rgb))
+            if readings is not None and det is self.reader:
+                readings.extend(det.readings(rgb))  # type: ignore[attr-defined]
+                boxes = [d.clipped(w, h) for d in det.confirmed(readings)]  # type: ignore[attr-defined]
+            else:
+                boxes = [d.clipped(w, h) for d in det.detect(rgb)]
+            found.setdefault(det.kind, []).extend(boxes)
         return found
 
     def __call__(self, src: Path, dst: Path | None, rel: str) -> tuple[FileReport, Signature]:
@@ -105,7 +121,8 @@ class ImageSanitizer:
         image_hash = signature(clean)  # of the content, before redaction
         h, w = rgb.shape[:2]
         boxes = []
-        for kind, detections in self.detect(rgb).items():
+        readings: list[Reading] | None = [] if self.reader is not None else None
+        for kind, detections in self.detect(rgb, readings).items():
             boxes += [padded(d.box, self.options.margin, w, h) for d in detections]
             for group in merge([d for d in detections if d.area > 0]):
                 best = max(group, key=lambda d: (d.score is not None, d.score or 0.0))
@@ -115,8 +132,18 @@ class ImageSanitizer:
                                        for d in group}))
                 text = best.text if self.options.keep_text else None
                 report.add(Finding(kind, kind, who, {"box": box}, self.options.redaction, best.score, text))
-        if boxes:
-            clean = Image.fromarray(redact(pixels, boxes, self.redactor))
+        out = redact(pixels, boxes, self.redactor) if boxes else pixels
+        if self.reader is not None:
+            def redact_more(px: np.ndarray, more: list[tuple[int, int, int, int]]) -> np.ndarray:
+                return redact(px, [padded(b, self.options.margin, w, h) for b in more], self.redactor)
+
+            out, checked = read_back(out, readings or [], self.reader.reread, redact_more)  # type: ignore[attr-defined]
+            report.read_back, report.read_back_seconds = checked.to_json(self.options.keep_text), checked.seconds
+            for m in checked.misses:
+                report.add(Finding("read-back", "missed word", "rapidocr", {"box": list(m.box), "pass": m.pass_},
+                                   self.options.redaction, None, m.word if self.options.keep_text else None))
+        if out is not pixels:
+            clean = Image.fromarray(out)
         if dst is not None:
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(encode(clean, dst.suffix))

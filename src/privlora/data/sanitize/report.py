@@ -55,6 +55,10 @@ class FileReport:
     status: str = CLEAN
     findings: list[Finding] = field(default_factory=list)
     reason: str | None = None  # why skipped, or which file this one duplicates
+    read_back: dict[str, Any] | None = None  # images only, when the read-back ran (readback.ReadBack.to_json)
+    #: what the read-back cost on this file; summed into the run's report, not written per file (the
+    #: same input must give the same per-file report, whatever the machine's load)
+    read_back_seconds: float = 0.0
 
     def add(self, finding: Finding) -> None:
         self.findings.append(finding)
@@ -66,4 +70,6 @@ class FileReport:
         if self.reason is not None:
             data["reason"] = self.reason
         data["findings"] = [f.to_json() for f in self.findings]
+        if self.read_back is not None:
+            data["read_back"] = self.read_back
         return data

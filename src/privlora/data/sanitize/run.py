@@ -80,6 +80,17 @@ class SanitizeResult:
     def statuses(self) -> dict[str, int]:
         return dict(Counter(r.status for r in self.files))
 
+    def read_back(self) -> dict[str, Any] | None:
+        """The read-back over all images (None when it did not run): images re-read, words missed by the
+        first pass and re-redacted, images where the last pass still read an input word, seconds spent."""
+        ran = [r for r in self.files if r.read_back is not None]
+        if not ran:
+            return None
+        return {"images": len(ran), "misses": sum(r.read_back["misses"] for r in ran),  # type: ignore[index]
+                "images_with_misses": sum(bool(r.read_back["misses"]) for r in ran),  # type: ignore[index]
+                "still_legible": [r.path for r in ran if not r.read_back["clean"]],  # type: ignore[index]
+                "seconds": round(sum(r.read_back_seconds for r in ran), 3)}
+
     def to_json(self) -> dict[str, Any]:
         opts = self.options
         options = {"images": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(opts.images).items()},
@@ -89,7 +100,8 @@ class SanitizeResult:
         options["text"]["salted"] = opts.text.salt is not None
         return {"input": str(self.src), "output": str(self.out) if self.out else None,
                 "dry_run": opts.dry_run, "options": options, "statuses": self.statuses(),
-                "found": self.counts(), "files": [r.to_json() for r in self.files]}
+                "found": self.counts(), **({"read_back": rb} if (rb := self.read_back()) else {}),
+                "files": [r.to_json() for r in self.files]}
 
 
 def _classify(src: Path, only: Path | None = None) -> list[tuple[str, Path]]:

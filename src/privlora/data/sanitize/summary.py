@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from privlora.data.sanitize.run import REPORT, SanitizeResult
 
-_ORDER = ["face", "text", "metadata", "duplicate"]
+_ORDER = ["face", "text", "read-back", "metadata", "duplicate"]
 
 
 def summary_lines(result: SanitizeResult) -> list[str]:
@@ -15,6 +15,12 @@ def summary_lines(result: SanitizeResult) -> list[str]:
     lines += [f"{k:<{width}}  {counts[k]['files']:>6}  {counts[k]['items']:>6}" for k in keys]
     if not keys:
         lines.append("(nothing found)")
+    checked = result.read_back()
+    if checked is not None:
+        lines.append(f"read-back: {checked['images']} images re-read in {checked['seconds']:.1f} s, "
+                     f"{checked['misses']} missed words re-redacted in {checked['images_with_misses']} images"
+                     + (f"; still legible in {len(checked['still_legible'])} (see the report)"
+                        if checked["still_legible"] else ""))
     statuses = result.statuses()
     lines.append("files: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
     skipped = [r for r in result.files if r.status == "skipped"]
