@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from privlora.config_sections import CanaryOptions, PrivacyStopOptions, Strict
 from privlora.config_yaml import (  # noqa: F401 - re-exported: privlora.config names them all
     MAX_ALIAS_NODES,
     MAX_QUOTE,
@@ -26,10 +27,6 @@ from privlora.errors import UserError
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 #: the text task's defaults: BERT attention projections and the attention output
 TEXT_TARGETS = ("query", "key", "value", "attention.output.dense")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LoraOptions(Strict):
@@ -144,17 +141,6 @@ class ValidationOptions(Strict):
     images: int = Field(4, ge=1, le=64)  # images in each grid
 
 
-class PrivacyStopOptions(Strict):
-    """Privacy-aware early stopping (``privlora.train.privacy_stop``): every ``every`` steps a base-calibrated
-    loss attack scores a probe of training members against aux non-members; once its advantage
-    ``2·AUC − 1`` exceeds ``max_advantage`` the run stops and keeps the adapter of the last check it passed."""
-
-    every: int | None = Field(None, ge=1)  # steps between checks (and one at max_steps); None: off
-    probe: int = Field(64, ge=2)  # members and aux non-members each (fewer when a split is smaller)
-    max_advantage: float = Field(0.1, ge=0, le=1)  # bound on the probe attack's 2·AUC − 1
-    timesteps: tuple[int, ...] | None = Field(None, min_length=1)  # None: the audit's loss-signal timesteps
-
-
 class TrainConfig(Strict):
     name: str = "run"
     out: Path = Path("runs/demo")
@@ -183,6 +169,7 @@ class TrainConfig(Strict):
     eval: EvalOptions = EvalOptions()
     privacy_stop: PrivacyStopOptions = PrivacyStopOptions()
     validation: ValidationOptions = ValidationOptions()
+    canaries: CanaryOptions = CanaryOptions()  # causal-lm: secret-sharer canaries among the members (config_sections)
 
     @model_validator(mode="after")
     def _supported(self) -> TrainConfig:
@@ -198,6 +185,8 @@ class TrainConfig(Strict):
             raise ValueError("gradient checkpointing, random flip and random crop are for image runs only")
         if self.task != "image" and (self.data.cache_latents or self.validation.prompt is not None):
             raise ValueError("data.cache_latents and validation images are for image runs only")
+        if self.canaries.insertions and self.task != "causal-lm":
+            raise ValueError("canaries (secret-sharer records) are for causal-lm runs only")
         return self
 
     @model_validator(mode="after")

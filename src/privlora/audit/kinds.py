@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from privlora.audit import lm_kind, text_attacks
 from privlora.audit import references as refs_mod
-from privlora.audit import text_attacks
 from privlora.audit.attacks import ATTACKS, Attack
 from privlora.errors import UserError
 
@@ -52,6 +52,9 @@ class AuditKind:
     open: Callable[[Path, str | None], Any] | None = None
     client_option: bool = False  # does --client (whose data are the members) apply?
     no_references: str | None = None  # why --references is refused for this kind (None: supported)
+    #: (LoadedRun, *, extraction, seed, quiet) → results.json keys of its own (causal-lm: canary exposure and
+    #: extraction by prompting); None: the image audit's --extraction (generations vs training images)
+    extras: Callable[..., dict[str, Any]] | None = None
 
 
 def _base_mismatch(run: Path, trained_on: str, expected: str) -> UserError:
@@ -120,6 +123,21 @@ TEXT = AuditKind(
                   "majority_class_heldout"),
     signal_key={"signal": "text: -logit-scaled confidence"}, extraction=False, task="text")
 
+#: a causal-lm run (``privlora train --task causal-lm``): the run's CausalLMTask scores response tokens as
+#: training did; base control = the adapter disabled (audit/lm_kind.py)
+CAUSAL_LM = AuditKind(
+    samples="records", attacks={
+        "loss": Attack(lm_kind.loss_attack, 1, "Yeom et al. 2018; Carlini et al. 2021"),
+        "zlib": Attack(lm_kind.zlib_attack, 1, "Carlini et al. 2021 (zlib ratio)"),
+        "reference": Attack(lm_kind.reference_attack, 2, "Carlini et al. 2021 (reference model: the base)"),
+        "min_k": Attack(lm_kind.min_k_attack, 1, "Shi et al. 2024 (Min-K% Prob, k = 20 %)")},
+    load=lm_kind.load_causal_lm, join=lm_kind.join, signal=lm_kind.nll_signal, signal_queries=1,
+    lira_signal=_identity, rmia_signal=_identity,
+    utility_keys=("loss_members", "loss_heldout", "base_loss_heldout", "perplexity_heldout",
+                  "base_perplexity_heldout"),
+    signal_key={"signal": "causal-lm: mean response NLL"}, task="causal_lm", extras=lm_kind.lm_extras)
+
+
 def _unused_load(config: Any, run: Path) -> Loaded:
     raise AssertionError("federated and split runs are opened by their kind's ``open``")
 
@@ -168,7 +186,8 @@ SPLIT = AuditKind(
                   "audit the split run without --references")
 
 #: config.task, or a run kind recognised from its directory → how its runs are audited
-AUDIT_KINDS: dict[str, AuditKind] = {"image": IMAGE, "text": TEXT, "federated": FEDERATED, "split": SPLIT}
+AUDIT_KINDS: dict[str, AuditKind] = {"image": IMAGE, "text": TEXT, "causal-lm": CAUSAL_LM, "federated": FEDERATED,
+                                     "split": SPLIT}
 
 
 def kind_of(run: Path) -> str | None:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from privlora.audit.lm_signals import BATCH, encode_record, encoded_logprobs, model_max_length, pad_id
+from privlora.audit.lm_signals import BATCH, Encoder, encode_record, encoded_logprobs, model_max_length, pad_id
 from privlora.errors import UserError
 
 INSERTIONS = (1, 4, 16)
@@ -109,10 +109,13 @@ def canary_records(canaries: Sequence[Canary], fmt: SecretFormat = SecretFormat(
 
 
 def secret_log_perplexity(model: Any, tokenizer: Any, secrets: Sequence[str], *,
-                          fmt: SecretFormat = SecretFormat(), batch_size: int = 4 * BATCH) -> np.ndarray:
-    """``−log P(secret | prefix)`` in nats per secret (sum over its tokens, no EOS)."""
+                          fmt: SecretFormat = SecretFormat(), batch_size: int = 4 * BATCH,
+                          encoder: Encoder | None = None) -> np.ndarray:
+    """``−log P(secret | prefix)`` in nats per secret (sum over its tokens, no EOS). ``encoder`` (record → ids,
+    without EOS) replaces the raw encoding when training rendered the prefix its own way (a task's template)."""
     limit = model_max_length(model)
-    encoded = [encode_record(tokenizer, {"prompt": fmt.prefix, "response": s}, eos=False, max_length=limit)
+    encoded = [encoder({"prompt": fmt.prefix, "response": s}) if encoder is not None else
+               encode_record(tokenizer, {"prompt": fmt.prefix, "response": s}, eos=False, max_length=limit)
                for s in secrets]
     return np.array([-float(lp.sum()) for lp in encoded_logprobs(model, encoded, pad=pad_id(tokenizer),
                                                                  batch_size=batch_size)])
@@ -120,17 +123,18 @@ def secret_log_perplexity(model: Any, tokenizer: Any, secrets: Sequence[str], *,
 
 def exposure(model: Any, tokenizer: Any, canaries: Sequence[Canary], *, fmt: SecretFormat = SecretFormat(),
              exact_limit: int = EXACT_LIMIT, candidates: int = CANDIDATES, seed: int = 0,
-             batch_size: int = 4 * BATCH) -> list[dict[str, Any]]:
-    """Exposure in bits of every canary (see the module docstring for the exact and extrapolated methods)."""
+             batch_size: int = 4 * BATCH, encoder: Encoder | None = None) -> list[dict[str, Any]]:
+    """Exposure in bits of every canary (see the module docstring for the exact and extrapolated methods);
+    ``encoder`` as in :func:`secret_log_perplexity`."""
     if not canaries:
         return []
     space = fmt.space_size
     canary_ppl = secret_log_perplexity(model, tokenizer, [c.secret for c in canaries], fmt=fmt,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, encoder=encoder)
     out = []
     if space <= exact_limit:
         everything = np.sort(secret_log_perplexity(model, tokenizer, fmt.enumerate(), fmt=fmt,
-                                                   batch_size=batch_size))
+                                                   batch_size=batch_size, encoder=encoder))
         for c, p in zip(canaries, canary_ppl, strict=True):
             rank = max(1, int(np.searchsorted(everything, p + 1e-5 * max(1.0, abs(p)), side="right")))
             out.append({"secret": c.secret, "insertions": c.insertions, "method": "exact", "space": space,
@@ -140,7 +144,8 @@ def exposure(model: Any, tokenizer: Any, canaries: Sequence[Canary], *, fmt: Sec
     if candidates < 10:
         raise UserError(f"exposure by extrapolation needs at least 10 candidates, got {candidates}")
     rng = np.random.default_rng([seed, _DOMAIN, 1])
-    sample = secret_log_perplexity(model, tokenizer, fmt.random(rng, candidates), fmt=fmt, batch_size=batch_size)
+    sample = secret_log_perplexity(model, tokenizer, fmt.random(rng, candidates), fmt=fmt, batch_size=batch_size,
+                                   encoder=encoder)
     params = stats.skewnorm.fit(sample)
     for c, p in zip(canaries, canary_ppl, strict=True):
         cdf = float(stats.skewnorm.cdf(p, *params))

@@ -26,8 +26,8 @@ unless ``keep_text=True``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ import torch
 from privlora.audit.lm_signals import (
     BATCH,
     Encoded,
+    Encoder,
     Record,
     base_model,
     check_records,
@@ -71,11 +72,12 @@ def normalised_distance(a: Sequence[Any], b: Sequence[Any]) -> float:
 
 
 def extraction_prompts(tokenizer: Any, records: Sequence[Record], *, prefix_tokens: int | None = None,
-                       max_length: int | None = None) -> list[Encoded]:
-    """``context`` = what the model is given, ``target`` = what a memorising model would continue with."""
+                       max_length: int | None = None, encoder: Encoder | None = None) -> list[Encoded]:
+    """``context`` = what the model is given, ``target`` = what a memorising model would continue with
+    (``encoder``: record → ids without EOS, when training encoded records its own way)."""
     out = []
     for rec in check_records(records):
-        enc = encode_record(tokenizer, rec, eos=False, max_length=max_length)
+        enc = encoder(rec) if encoder is not None else encode_record(tokenizer, rec, eos=False, max_length=max_length)
         if prefix_tokens is not None:
             if prefix_tokens < 1:
                 raise UserError(f"prefix_tokens must be at least 1, got {prefix_tokens}")
@@ -149,25 +151,30 @@ def _score(tokenizer: Any, prompts: Sequence[Encoded], generations: Sequence[Seq
 def extraction_test(target: Any, tokenizer: Any, records: Sequence[Record], *, base: Any | None = None,
                     prefix_tokens: int | None = None, samples: int = 0, seed: int = 0,
                     threshold: float = THRESHOLD, top_k: int = TOP_K, temperature: float = 1.0,
-                    batch_size: int = BATCH, keep_text: bool = False, pii: bool = False) -> dict[str, Any]:
+                    batch_size: int = BATCH, keep_text: bool = False, pii: bool = False,
+                    encoder: Encoder | None = None,
+                    control: Callable[[], AbstractContextManager[Any]] | None = None) -> dict[str, Any]:
     """Greedy (and, with ``samples > 0``, sampled) extraction of ``records`` from the target and the base.
 
-    ``base=None`` with a peft target uses the target with its adapter disabled. ``*_rate`` are fractions of
-    generations; ``any_*`` fractions of records with at least one (near-)verbatim generation."""
+    ``base=None`` with a peft target uses the target with its adapter disabled; ``control`` (a context-manager
+    factory inside which ``target`` *is* the base, e.g. a Task's ``adapter_disabled``) replaces both.
+    ``encoder`` as in :func:`extraction_prompts`. ``*_rate`` are fractions of generations; ``any_*`` fractions
+    of records with at least one (near-)verbatim generation."""
     if not 0 <= threshold < 1:
         raise UserError(f"near-verbatim threshold must be in [0, 1), got {threshold}")
     if samples < 0:
         raise UserError(f"samples must be ≥ 0, got {samples}")
     records = check_records(records)
     prompts = extraction_prompts(tokenizer, records, prefix_tokens=prefix_tokens,
-                                 max_length=model_max_length(target))
+                                 max_length=model_max_length(target), encoder=encoder)
     result: dict[str, Any] = {"records": len(records), "threshold": threshold, "prefix_tokens": prefix_tokens,
                               "samples": samples, "top_k": top_k, "temperature": temperature, "seed": seed}
     modes = [("greedy", 0)] + ([("sampled", samples)] if samples else [])
     training_texts = [r["prompt"] + r["response"] for r in records]
     for who in ("target", "base"):
         result[who] = {}
-        with base_model(target, base) if who == "base" else nullcontext(target) as model:
+        with _controlled(target, control) if who == "base" and control is not None else \
+                base_model(target, base) if who == "base" else nullcontext(target) as model:
             for mode, n in modes:
                 gens = generate(model, tokenizer, prompts, samples=n, seed=seed, top_k=top_k,
                                 temperature=temperature, batch_size=batch_size)
@@ -178,6 +185,12 @@ def extraction_test(target: Any, tokenizer: Any, records: Sequence[Record], *, b
                                 for p, gs in zip(prompts, gens, strict=True) for _ in gs]
                     result[who][mode]["pii"] = pii_leaks(texts, contexts, training_texts)
     return result
+
+
+@contextmanager
+def _controlled(target: Any, control: Callable[[], AbstractContextManager[Any]]) -> Iterator[Any]:
+    with control():
+        yield target
 
 
 def pii_leaks(generations: Sequence[str], prompts: Sequence[str], training_texts: Sequence[str], *,

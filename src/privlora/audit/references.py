@@ -108,7 +108,9 @@ def ensure_references(config: Any, population: list[str], *, k: int, directory: 
             "resume": out.with_name(out.name + ".partial").exists(),
             "eval": config.eval.model_copy(update={"samples": 0, "timesteps": (200,)}),
             # references have no aux split to probe; they train the recipe's full max_steps
-            "privacy_stop": config.privacy_stop.model_copy(update={"every": None})})
+            "privacy_stop": config.privacy_stop.model_copy(update={"every": None}),
+            # causal-lm: references model the population's records, not the target's planted canaries
+            "canaries": config.canaries.model_copy(update={"insertions": ()})})
         jobs.append(ReferenceJob(index=i, of=len(inside), config=ref_config, splits=Splits(
             members=members, aux=[], eval=[], source=config.data.source, seed=seed * 1000 + i)))
     (pool or ReferencePool()).train(jobs, quiet=quiet)

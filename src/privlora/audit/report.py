@@ -292,6 +292,8 @@ def _card(r: dict[str, Any], policy: ExportPolicy) -> dict[str, Any]:
             "rocs": roc_figures(r), "provenance": provenance_rows(r),
             "extraction": _read_json(audit / "extraction.json"), "gallery": _image(audit / "extraction_gallery.png"),
             "canary": _read_json(audit / "canary.json"), "samples": _image(run / "samples.png"),
+            "exposure": r.get("canary_exposure"),  # causal-lm: secret-sharer canaries (results.json)
+            "prompting": e if isinstance(e := r.get("extraction"), dict) and e.get("kind") == "prompting" else None,
             "config": _text(run / "config.yaml"), "privacy": _text(run / "privacy.json")}
 
 

@@ -146,7 +146,8 @@ def check_request(loaded: LoadedRun, attacks: tuple[str, ...] | None, *, referen
     (checked before any reference adapter is trained)."""
     attacks = _check_attacks(None if attacks is None else tuple(attacks), references, loaded.kind)
     if extraction and not loaded.kind.extraction:
-        raise UserError(f"--extraction generates images; it does not apply to a {loaded.kind_name} run")
+        raise UserError(f"--extraction generates images (or, for causal-lm runs, answers); it does not apply to "
+                        f"a {loaded.kind_name} run")
     return attacks
 
 
@@ -259,7 +260,9 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] | None = None, references: 
     if loaded.adapter_dir != run / "adapter":  # a split run: the provider's top adapter lives elsewhere
         results["provenance"].update(adapter=str(loaded.adapter_dir), adapter_sha256=sha256_file(
             Path(loaded.adapter_dir) / "adapter_model.safetensors"))
-    if extraction:
+    if kind.extras is not None:  # the kind's own results (causal-lm: canary exposure, extraction by prompting)
+        results.update(kind.extras(loaded, extraction=extraction, seed=seed, quiet=quiet))
+    elif extraction:
         from privlora.audit.extraction_run import run_extraction
 
         results["extraction"] = run_extraction(loaded, n=extraction, seed=seed, quiet=quiet)

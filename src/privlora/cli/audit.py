@@ -38,7 +38,8 @@ def audit(
                                     "node shares. Same adapters as sequential training."),
     fpr: str = typer.Option(None, help="FPRs for TPR@FPR, e.g. 0.01,0.001 (default: those the data allows)."),
     extraction: int = typer.Option(0, "--extraction", help="Also generate N images and look for training-image "
-                                   "copies (Carlini et al. 2023); 0: skip."),
+                                   "copies (Carlini et al. 2023); causal-lm runs: prompt every member with its "
+                                   "prompt, greedy + N sampled answers, verbatim and near-verbatim rates; 0: skip."),
     report: Path = typer.Option(None, help="HTML report (default: RUN_DIR/audit/report.html, or report.html "
                                 "beside the runs when several are given)."),
     dp_canaries: int = typer.Option(0, "--dp-canaries", metavar="M", help="Instead of the membership audit: "

@@ -143,10 +143,10 @@ def load_lora(module: nn.Module, path: Path, *, other_prefixes: tuple[str, ...] 
 @contextmanager
 def lora_bypassed(model: nn.Module) -> Iterator[None]:
     """Run ``model`` without its LoRA layers (the base model alone); they are switched back on afterwards,
-    whatever happens inside."""
+    whatever happens inside. Nested blocks are safe: only layers enabled on entry are switched back on."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
     for layer in layers:
         layer.enable_adapters(False)
     try:

@@ -37,6 +37,7 @@ from privlora.train.distributed import World, refuse_small_batch, sum_before_noi
 from privlora.train.distributed import start as start_processes
 from privlora.train.dp import GradientCanaryHook, PrivateTraining, resolve
 from privlora.train.epochs import with_epoch_steps
+from privlora.train.lm_canaries import with_canaries, write_canaries
 from privlora.train.lm_utility import measure_lm_utility
 from privlora.train.objectives import OBJECTIVES, Objective
 from privlora.train.precision import Precision
@@ -222,6 +223,7 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
             fractions = {k: getattr(config.data, k) for k in FRACTIONS}
             print(splits.summary(len(data), split_label(config.data.split, fractions)), flush=True)
         members, aux = data.by_ids(splits.members), data.by_ids(splits.aux)
+        members = with_canaries(config, members)  # causal-lm: secret-sharer canaries join the members only
         if isinstance(members, ImageSet):  # kohya repeat folders: split by source image, then repeat
             members = members.expanded()
         config = with_epoch_steps(config, len(members))  # --num-train-epochs → optim.max_steps
@@ -231,6 +233,7 @@ def train(config: TrainConfig, *, splits: Splits | None = None, extra: ImageSet 
         elif world.writes:
             splits.save(run)
             (run / "config.yaml").write_text(dump_config(config))
+            write_canaries(config, run)
         return _train_loop(config, task, members, aux, held_out, out, run, start, gradient_canaries, world)
     except Interrupted:
         raise  # a resumable checkpoint was written: keep <out>.partial
