@@ -25,10 +25,11 @@ $(VENV)/.torch: | $(VENV)/bin/python
 # drop it and put the headless 4.x build back, last, so that `import cv2` is the headless one.
 # every extra (registry, split, federated, postgres, distributed: pyproject.toml), so the tests see all of privlora
 EXTRAS := dev,registry,split,federated,postgres,distributed
-$(STAMP): $(VENV)/.torch pyproject.toml
-	$(PIP) install -q -e ".[$(EXTRAS)]"
+# constraints.txt: the tested versions inside pyproject.toml's ranges (CI installs exactly what passed here)
+$(STAMP): $(VENV)/.torch pyproject.toml constraints.txt
+	$(PIP) install -q -e ".[$(EXTRAS)]" -c constraints.txt
 	$(PIP) uninstall -q -y opencv-python opencv-contrib-python
-	$(PIP) install -q --force-reinstall --no-deps "opencv-python-headless>=4.8,<5"
+	$(PIP) install -q --force-reinstall --no-deps "opencv-python-headless>=4.8,<5" -c constraints.txt
 	touch $@
 
 # exiftool checks the sanitized files' bytes in the tests (root on the CI-class machine)
