@@ -13,8 +13,9 @@ on these members.
 
     python benchmarks/lm_privacy.py [--only NAME ...]     # ~1 h on 2 busy cores
 
-Writes benchmarks/results/lm_privacy.json (resumable: finished rows are kept unless named in ``--only``);
-run directories in benchmarks/.work/lm/.
+Writes benchmarks/results/lm_privacy.json (resumable: finished rows are kept unless named in ``--only``)
+and the table of BENCHMARKS.md and docs/guide/causal-lm.md, benchmarks/results/lm_privacy.md (rewritten
+from the JSON on every call, also when nothing is left to compute); run directories in benchmarks/.work/lm/.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from privlora.train.loop import train
 HERE = Path(__file__).parent
 CONFIG = HERE.parent / "configs" / "lm-lora.yaml"
 RESULTS = HERE / "results" / "lm_privacy.json"
+TABLE = RESULTS.with_suffix(".md")
 WORK = HERE / ".work" / "lm"
 DELTA = 1e-5
 CANARIES = {"canaries.insertions": [1, 4, 16], "canaries.per_count": 2, "canaries.controls": 2}
@@ -82,6 +84,28 @@ def run_row(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _bits(row: dict[str, Any], side: str, count: str) -> str:
+    value = (row["exposure_bits"].get(side) or {}).get(count)
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def table(rows: dict[str, Any]) -> str:
+    """The markdown table: perplexity, exposure per insertion count (adapter / base), extraction, AUC."""
+    lines = ["| run | ε | held-out perplexity (base) | exposure bits 16× / 4× / 1× / never (base 16×) "
+             "| greedy verbatim / near-verbatim | strongest attack | AUC (base) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        eps = "n/a" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
+        exposure = " / ".join(_bits(r, "adapter", c) for c in ("16", "4", "1", "0"))
+        greedy = (r["extraction"].get("adapter") or {}).get("greedy", {})
+        nan = float("nan")
+        extraction = f"{greedy.get('verbatim_rate', nan):.3f} / {greedy.get('near_verbatim_rate', nan):.3f}"
+        lines.append(f"| {name} | {eps} | {r['heldout_perplexity']:.1f} ({r['base_heldout_perplexity']:.0f}) | "
+                     f"{exposure} ({_bits(r, 'base_control', '16')}) | {extraction} | {r['strongest_attack']} | "
+                     f"{r['strongest_auc']:.3f} ({r['strongest_base_auc']:.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=None, help="rows to (re)compute; default: the missing ones")
@@ -97,6 +121,9 @@ def main() -> None:
         print(f"   ppl {r['heldout_perplexity']:.1f} (base {r['base_heldout_perplexity']:.1f}); strongest "
               f"{r['strongest_attack']} AUC {r['strongest_auc']:.3f} (base {r['strongest_base_auc']:.3f}); "
               f"exposure {r['exposure_bits']['adapter']}", flush=True)
+    if rows:
+        TABLE.write_text(table(rows))
+        print(f"table → {TABLE}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from privlora.config_sections import CanaryOptions, PrivacyStopOptions, Strict
+from privlora.config_sections import CanaryOptions, PrivacyStopOptions, Strict, fed_task_defaults
 from privlora.config_yaml import (  # noqa: F401 - re-exported: privlora.config names them all
     MAX_ALIAS_NODES,
     MAX_QUOTE,
@@ -309,6 +309,7 @@ class FederatedConfig(Strict):
     out: Path = Path("runs/federated")
     seed: int = 0
     quiet: bool = False
+    task: Literal["text", "causal-lm"] = "text"  # federated/tasks.py; causal-lm: fed_task_defaults
     base: str = "minilm"
     strategy: Literal["fedit", "ffa", "flora"] = "ffa"
     rounds: int = Field(5, ge=1)
@@ -357,6 +358,8 @@ class FederatedConfig(Strict):
         if self.asynchronous.enabled and self.hierarchy.edges:
             raise ValueError("asynchronous aggregation and hierarchy cannot be combined")
         return self
+
+    _task_defaults = model_validator(mode="after")(fed_task_defaults)
 
     def per_round(self) -> int:
         return self.clients_per_round or self.clients

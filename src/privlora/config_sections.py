@@ -3,6 +3,8 @@ base, privacy-aware early stopping and the causal-LM secret-sharer canaries. con
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -42,3 +44,28 @@ class CanaryOptions(Strict):
         if len(set(self.alphabet)) != len(self.alphabet):
             raise ValueError("canaries.alphabet must not repeat a symbol")
         return self
+
+
+def fed_task_defaults(config: Any) -> Any:
+    """FederatedConfig's ``task`` defaults (a model validator; config.py is at its line limit): a causal-lm
+    run that names no base, data, LoRA targets or skew gets the LM's — ``embedded-lm``, ``demo:support``,
+    the family's targets (``auto``) and an IID split (``data.alpha: null``, FlowerTune's partitioner: the
+    records have no label to skew; a number gives a Dirichlet *size* skew, privlora.federated.tasks)."""
+    if config.task == "text":
+        return config
+    if config.strategy == "flora":
+        raise ValueError("strategy flora is for task text (its dense ΔW assumes [out, in] weights; GPT-2's "
+                         "Conv1D stores [in, out]): use ffa or fedit for task causal-lm")
+    update: dict[str, Any] = {}
+    if "base" not in config.model_fields_set:
+        update["base"] = "embedded-lm"
+    data: dict[str, Any] = {}
+    if "source" not in config.data.model_fields_set:
+        data["source"] = "demo:support"
+    if "alpha" not in config.data.model_fields_set:
+        data["alpha"] = None
+    if data:
+        update["data"] = config.data.model_copy(update=data)
+    if "targets" not in config.lora.model_fields_set:
+        update["lora"] = config.lora.model_copy(update={"targets": ("auto",)})
+    return config.model_copy(update=update) if update else config

@@ -104,6 +104,9 @@ def open_federated_run(run: Path, client: str | None) -> Any:
 
     run = require_run_dir(run, adapter_file=PEFT_CONFIG, purpose="to audit (was the federated run finished?)")
     config = load_config(run / "config.yaml", model=FederatedConfig)
+    if config.task != "text":
+        raise UserError(f"{run} is a federated {config.task} run; the federated audit covers the text task only "
+                        "(audit a causal LM trained centrally with privlora train --task causal-lm)")
     index = parse_client(client, config.clients)
     splits = read_splits(run, config)
     if len(splits["clients"]) != config.clients:

@@ -17,6 +17,11 @@ from privlora.cli.common import QUIET, choice, offline_defaults, one_line_errors
 def federate(
     config: Path = typer.Option(None, "--config", "-c", help="YAML config (e.g. configs/fed-ffa.yaml); "
                                 "options below override it."),
+    task: str = typer.Option(None, click_type=choice(("text", "causal-lm")),
+                             help="text (MiniLM classifier, demo:tweets) | causal-lm (instruction tuning of a causal "
+                             "LM, default the embedded tiny GPT-2 on demo:support, FlowerTune-style)."),
+    base: str = typer.Option(None, help="The base model (text: minilm; causal-lm: embedded-lm, or a local "
+                             "folder / HF cache name of an AutoModelForCausalLM)."),
     strategy: str = typer.Option(None, click_type=choice(STRATEGIES),
                                  help="ffa (A frozen from a shared seed, exact, half the upload) | "
                                  "fedit (average A and B) | flora (stacking; clients may use different ranks)."),
@@ -24,7 +29,8 @@ def federate(
     clients: int = typer.Option(None, help="Number of clients (partitions of the data)."),
     per_round: int = typer.Option(None, "--clients-per-round", help="Clients sampled per round (default: all)."),
     out: Path = typer.Option(None, help="Run directory to write (replaced atomically)."),
-    data: str = typer.Option(None, help="demo:tweets or a CSV/TSV/JSONL file with text,label."),
+    data: str = typer.Option(None, help="text: demo:tweets or a CSV/TSV/JSONL file with text,label; causal-lm: "
+                             "demo:support or a JSONL file of prompt/response or messages records."),
     alpha: float = typer.Option(None, "--dirichlet-alpha", help="Non-IID label skew (smaller: more skewed)."),
     secagg: bool = typer.Option(None, "--secagg/--no-secagg", help="Flower SecAgg+: the server sees only the sum."),
     dp: str = typer.Option(None, "--dp", click_type=choice(FED_DP),
@@ -47,7 +53,8 @@ def federate(
 
     offline_defaults()
     named: dict[str, Any] = {
-        "strategy": strategy, "rounds": rounds, "clients": clients, "clients_per_round": per_round,
+        "task": task, "base": base, "strategy": strategy, "rounds": rounds, "clients": clients,
+        "clients_per_round": per_round,
         "out": str(out) if out else None, "data.source": data, "data.alpha": alpha, "secagg.enabled": secagg,
         "dp.mechanism": dp, "dp.noise_multiplier": noise_multiplier, "dp.target_epsilon": target_epsilon,
         "dp.clip": clip, "compression": compression, "engine": "deployment" if deployment else None,
@@ -71,7 +78,10 @@ def federate(
         if isinstance(eps, float) else "no DP"
     typer.echo(f"{settings.strategy}: {settings.rounds} rounds × {settings.per_round()} of {settings.clients} "
                f"clients → {result.run_dir}")
-    typer.echo(f"  server test accuracy {first['accuracy']:.3f} → {last['accuracy']:.3f}, loss "
+    from privlora.federated.tasks import federated_task
+
+    key = federated_task(settings).headline  # accuracy (text) | perplexity (causal-lm)
+    typer.echo(f"  server test {key} {first[key]:.3f} → {last[key]:.3f}, loss "
                f"{first['loss']:.3f} → {last['loss']:.3f}; {privacy}")
     typer.echo(f"  per client per round: {last.get('bytes_up_per_client', 0) / 1024:.0f} KiB up, "
                f"{last.get('bytes_down_per_client', 0) / 1024:.0f} KiB down; rejected updates: "

@@ -24,28 +24,34 @@ from privlora.federated.client_privacy import l2_norm
 from privlora.federated.compression import get_codec, wire_bytes
 from privlora.federated.data import federated_data
 from privlora.federated.dp_client import LocalRound, wrap_round
-from privlora.federated.rules import FLoRA, get_rule
+from privlora.federated.rules import FLoRA
+from privlora.federated.tasks import FEDERATED_TASKS, federated_task, rule_for
 
 
-def _new_task(num_labels: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> Any:
-    from privlora.tasks.text import TextClassificationTask, TextLora
-
+def _new_task(task: str, key: tuple, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> Any:
     torch.set_num_threads(1)  # one client per core: threads inside a client only contend
-    return TextClassificationTask(num_labels, lora=TextLora(rank=rank, alpha=alpha, targets=targets), seed=seed)
+    return FEDERATED_TASKS[task].build(key, rank, alpha, targets, seed)
 
 
 _task = lru_cache(maxsize=4)(_new_task)
 
 
-def task_for(config: FederatedConfig, num_labels: int, rank: int) -> Any:
-    """The process's cached model for this rank (MiniLM loads once per worker, not once per round).
-    Its weights are whatever the last ``rule.load`` put there: load before use."""
-    return _task(num_labels, rank, config.lora.alpha, tuple(config.lora.targets), config.seed)
+def model_key_for(config: FederatedConfig, num_labels: int | None) -> tuple:
+    return federated_task(config).model_key(config, federated_data(config).train, num_labels)
 
 
-def fresh_task(config: FederatedConfig, num_labels: int, rank: int) -> Any:
+def task_for(config: FederatedConfig, num_labels: int | None, rank: int) -> Any:
+    """The process's cached model for this rank (the base loads once per worker, not once per round).
+    Its weights are whatever the last ``rule.load`` put there: load before use. ``num_labels``: the
+    classifier's size (text; None: the data's); a causal LM has no classifier and ignores it."""
+    return _task(config.task, model_key_for(config, num_labels), rank, config.lora.alpha, tuple(config.lora.targets),
+                 config.seed)
+
+
+def fresh_task(config: FederatedConfig, num_labels: int | None, rank: int) -> Any:
     """A newly initialised model (seeded LoRA A, zero B, seeded head): the run's starting point."""
-    return _new_task(num_labels, rank, config.lora.alpha, tuple(config.lora.targets), config.seed)
+    return _new_task(config.task, model_key_for(config, num_labels), rank, config.lora.alpha,
+                     tuple(config.lora.targets), config.seed)
 
 
 def client_rank(config: FederatedConfig, partition: int, round_rank: int) -> int:
@@ -108,9 +114,9 @@ class LoraClient(NumPyClient):
             time.sleep(faults.slow_seconds)
         data = federated_data(cfg)
         local = data.client(pid)
-        rule = get_rule(cfg.strategy, cfg.lora.alpha)
+        rule = rule_for(cfg)
         start = time.perf_counter()
-        task = task_for(cfg, len(data.train.classes), client_rank(cfg, pid, int(config["rank"])))
+        task = task_for(cfg, None, client_rank(cfg, pid, int(config["rank"])))
         seed = hash((cfg.seed, round_number, pid)) & 0x7FFFFFFF
         if isinstance(rule, FLoRA):
             held = rule.load(task.model, parameters, seed=seed)

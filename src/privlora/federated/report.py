@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_metrics(rounds: list[dict[str, Any]], out: Path, *, title: str) -> None:
+def plot_metrics(rounds: list[dict[str, Any]], out: Path, *, title: str, headline: str = "accuracy") -> None:
+    """``headline``: the task's main figure beside the loss (federated/tasks.py: accuracy or perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,7 +17,7 @@ def plot_metrics(rounds: list[dict[str, Any]], out: Path, *, title: str) -> None
     trained = [m for m in rounds if m["round"] > 0]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     ax = axes[0]
-    ax.plot(xs, [m["accuracy"] for m in rounds], "o-", label="accuracy")
+    ax.plot(xs, [m[headline] for m in rounds], "o-", label=headline)
     ax.plot(xs, [m["loss"] for m in rounds], "s--", label="loss")
     ax.set_xlabel("round")
     ax.set_title("global adapter on the server's test set")

@@ -8,7 +8,8 @@ A rule answers four questions, so the Flower client and strategy stay rule-agnos
   small, centred values that clip, noise and quantise well);
 * how the server **merges** the weighted uploads into the next global state.
 
-Layouts (``L`` LoRA layers in sorted module-name order, then the classification head):
+Layouts (``L`` LoRA layers in sorted module-name order, then the classification head — ``head`` arrays:
+2 for text, 0 for a causal LM, whose head is frozen and never travels):
 
 =========  ======================================  =====================================
 rule       global state                            client upload
@@ -57,13 +58,18 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().to(torch.float32).numpy().copy()
 
 
-def head_arrays(model: nn.Module) -> list[np.ndarray]:
+def head_arrays(model: nn.Module, head: int = 2) -> list[np.ndarray]:
+    """The trained head's weight and bias (``head`` = 2), or nothing (``head`` = 0: a frozen LM head)."""
+    if not head:
+        return []
     h = _head(model)
     return [_np(h.weight), _np(h.bias)]
 
 
 @torch.no_grad()
 def set_head(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
+    if not len(arrays):
+        return  # no trained head (causal LM)
     h = _head(model)
     h.weight.copy_(torch.from_numpy(np.asarray(arrays[0])))
     h.bias.copy_(torch.from_numpy(np.asarray(arrays[1])))
@@ -82,14 +88,19 @@ class Rule:
     name = "fedit"
     sum_based = True  # the merge needs only the weighted mean of uploads (SecAgg+ can compute it)
 
-    def __init__(self, alpha: float = 16.0) -> None:
+    def __init__(self, alpha: float = 16.0, head: int = 2) -> None:
         self.alpha = alpha  # LoRA scaling numerator: a layer's change is (alpha / r) · B A
+        self.head = head  # arrays after the LoRA factors: 2 (a classifier's W, b) or 0 (causal LM)
+
+    def layers_in(self, state: Sequence[np.ndarray]) -> int:
+        """How many LoRA layers a FedIT/FFA state of this layout holds."""
+        return (len(state) - self.head) // 2
 
     # --- server side ---------------------------------------------------------------------------------
     def initial_state(self, model: nn.Module) -> list[np.ndarray]:
         layers = lora_layers(model)
         return ([_np(m.lora_A[ADAPTER].weight) for _, m in layers]
-                + [_np(m.lora_B[ADAPTER].weight) for _, m in layers] + head_arrays(model))
+                + [_np(m.lora_B[ADAPTER].weight) for _, m in layers] + head_arrays(model, self.head))
 
     def upload_shapes(self, state: Sequence[np.ndarray],
                       upload: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
@@ -113,7 +124,7 @@ class Rule:
         """Change the adapter's rank between rounds. Growing keeps ``BA`` (new A rows random, new B
         columns zero); shrinking keeps the best rank-``rank`` approximation of ``BA`` (truncated SVD,
         split as ``B = U√S``, ``A = √S Vᵀ``)."""
-        n = len(state) // 2 - 1
+        n = self.layers_in(state)
         As, Bs, head = list(state[:n]), list(state[n:2 * n]), list(state[2 * n:])
         current = As[0].shape[0]
         if rank == current:
@@ -138,8 +149,8 @@ class Rule:
     def load(self, model: nn.Module, state: Sequence[np.ndarray]) -> ClientState:
         layers = lora_layers(model)
         n = len(layers)
-        if len(state) != 2 * n + 2:
-            raise UserError(f"global state has {len(state)} arrays, the model needs {2 * n + 2}")
+        if len(state) != 2 * n + self.head:
+            raise UserError(f"global state has {len(state)} arrays, the model needs {2 * n + self.head}")
         for k, (_, m) in enumerate(layers):
             m.lora_A[ADAPTER].weight.copy_(torch.from_numpy(state[k]))
             m.lora_B[ADAPTER].weight.copy_(torch.from_numpy(state[n + k]))
@@ -156,7 +167,7 @@ class Rule:
 
     def adapter_factors(self, state: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(As, Bs) of the global adapter, for saving it and for the server's evaluation model."""
-        n = len(state) // 2 - 1
+        n = self.layers_in(state)
         return list(state[:n]), list(state[n:2 * n])
 
 
@@ -168,15 +179,15 @@ class FFA(Rule):
 
     def upload_shapes(self, state: Sequence[np.ndarray],
                       upload: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
-        n = len(state) // 2 - 1
+        n = self.layers_in(state)
         return [tuple(a.shape) for a in state[n:]]
 
     def apply_mean(self, state: Sequence[np.ndarray], mean: Sequence[np.ndarray]) -> list[np.ndarray]:
-        n = len(state) // 2 - 1
+        n = self.layers_in(state)
         return list(state[:n]) + [(s + d).astype(np.float32) for s, d in zip(state[n:], mean, strict=True)]
 
     def upload(self, model: nn.Module, held: ClientState) -> list[np.ndarray]:
-        n = (len(held.received) - 2) // 2
+        n = self.layers_in(held.received)
         return super().upload(model, held)[n:]
 
 
@@ -188,18 +199,18 @@ class FLoRA(Rule):
 
     def initial_state(self, model: nn.Module) -> list[np.ndarray]:
         return [np.zeros(tuple(m.base_layer.weight.shape), np.float32) for _, m in lora_layers(model)] \
-            + head_arrays(model)
+            + head_arrays(model, self.head)
 
     def upload_shapes(self, state: Sequence[np.ndarray],
                       upload: Sequence[np.ndarray] | None = None) -> list[tuple[int, ...]]:
-        n = len(state) - 2
+        n = len(state) - self.head
         r = int(upload[0].shape[0]) if upload and np.ndim(upload[0]) == 2 else 1
         return ([(r, d.shape[1]) for d in state[:n]] + [(d.shape[0], r) for d in state[:n]]
                 + [tuple(a.shape) for a in state[n:]])
 
     def merge(self, state: Sequence[np.ndarray], uploads: Sequence[Sequence[np.ndarray]],
               p: torch.Tensor) -> list[np.ndarray]:
-        n = len(state) - 2
+        n = len(state) - self.head
         new = []
         for k in range(n):
             As = [torch.from_numpy(np.asarray(u[k])) for u in uploads]
@@ -223,8 +234,8 @@ class FLoRA(Rule):
     def load(self, model: nn.Module, state: Sequence[np.ndarray], *, seed: int = 0) -> ClientState:
         layers = lora_layers(model)
         n = len(layers)
-        if len(state) != n + 2:
-            raise UserError(f"global state has {len(state)} arrays, the model needs {n + 2}")
+        if len(state) != n + self.head:
+            raise UserError(f"global state has {len(state)} arrays, the model needs {n + self.head}")
         gen = torch.Generator().manual_seed(seed)
         for k, (_, m) in enumerate(layers):
             base = m.base_layer.weight
@@ -243,13 +254,14 @@ class FLoRA(Rule):
         layers = lora_layers(model)
         As = [_np(m.lora_A[ADAPTER].weight) for _, m in layers]
         Bs = [_np(m.lora_B[ADAPTER].weight) for _, m in layers]
-        heads = [(a - b).astype(np.float32) for a, b in zip(head_arrays(model), held.received, strict=True)]
+        heads = [(a - b).astype(np.float32) for a, b in zip(head_arrays(model, self.head), held.received,
+                                                                 strict=True)]
         return As + Bs + heads
 
     def adapter_factors(self, state: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The dense ΔW as exact LoRA factors: SVD at the largest numerical rank over layers (scaling
         folded in by the caller's ``alpha/r``)."""
-        n = len(state) - 2
+        n = len(state) - self.head
         svds = [np.linalg.svd(state[k].astype(np.float64), full_matrices=False) for k in range(n)]
         tol = max(float(S[0]) if S.size else 0.0 for _, S, _ in svds) * 1e-6
         rank = max(1, max(int((S > tol).sum()) for _, S, _ in svds))
@@ -264,9 +276,10 @@ class FLoRA(Rule):
 RULES: dict[str, type[Rule]] = {"fedit": Rule, "ffa": FFA, "flora": FLoRA}
 
 
-def get_rule(name: str, alpha: float = 16.0) -> Rule:
+def get_rule(name: str, alpha: float = 16.0, head: int = 2) -> Rule:
+    """``head``: arrays after the LoRA factors (2: a classifier's weight and bias; 0: none, causal LM)."""
     try:
-        return RULES[name](alpha)
+        return RULES[name](alpha, head)
     except KeyError:
         raise UserError(f"unknown federated strategy {name!r}; known: {', '.join(RULES)}") from None
 

@@ -109,6 +109,7 @@ def federate(config: FederatedConfig, *, overwrite: bool = True, verbose: bool =
     os.environ.update(OFFLINE_ENV)
     _quiet_flower(verbose)
     from privlora.federated.data import federated_data
+    from privlora.federated.tasks import federated_task
 
     split = federated_data(config)  # bad data source / too few samples: fail before any engine starts
     out = Path(config.out)
@@ -138,19 +139,23 @@ def federate(config: FederatedConfig, *, overwrite: bool = True, verbose: bool =
         result = _check_results(config, work)
         from privlora.federated.report import plot_metrics
 
-        plot_metrics(result.rounds, work / "metrics.png", title=f"{config.strategy} · {config.clients} clients")
+        plot_metrics(result.rounds, work / "metrics.png", title=f"{config.strategy} · {config.clients} clients",
+                     headline=federated_task(config).headline)
     return FederatedResult(out, result.rounds, result.privacy)
 
 
 def _follow(config: FederatedConfig, work: Path, thread: threading.Thread) -> None:
     """Wait for the engine thread, advancing the progress bar as the server writes rounds."""
+    from privlora.federated.tasks import federated_task
+
+    kind = federated_task(config)  # text: accuracy; causal-lm: perplexity
     with progress_bar(f"federated {config.strategy}", total=config.rounds, quiet=config.quiet) as bar:
         done = 0
         while thread.is_alive():
             thread.join(timeout=0.5)
             rounds = [m for m in read_metrics(work / "metrics.jsonl") if m["round"] > 0]
             for m in rounds[done:]:
-                fields = {"acc": m["accuracy"]}
+                fields = {kind.short: m[kind.headline]}
                 if m.get("epsilon") is not None:
                     fields["eps"] = m["epsilon"]
                 bar.advance(1, **fields)

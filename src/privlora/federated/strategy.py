@@ -40,7 +40,8 @@ from privlora.federated.client_privacy import l2_norm
 from privlora.federated.compression import get_codec
 from privlora.federated.data import federated_data
 from privlora.federated.partition import sample_clients
-from privlora.federated.rules import Rule, get_rule, weighted_mean
+from privlora.federated.rules import Rule, weighted_mean
+from privlora.federated.tasks import federated_task, rule_for
 
 #: who joins a round: (connected node ids, sorted; round number) → the chosen node ids
 Sampler = Callable[[Sequence[int], int], list[int]]
@@ -55,12 +56,13 @@ class LoraStrategy(Strategy):
         super().__init__()
         self.config = config
         self.workdir = Path(workdir)
-        self.rule: Rule = get_rule(config.strategy, config.lora.alpha)
+        self.kind = federated_task(config)  # what is trained and how the server scores it (federated/tasks.py)
+        self.rule: Rule = rule_for(config)
         self.codec = get_codec(config.compression)
         self.sampler: Sampler = self.fixed_size_sample  # a DP wrapper replaces it (its accountant's sampling)
         self.upload_bound: UploadBound = lambda dims: config.max_update_norm
         self.data = federated_data(config)
-        self.num_labels = len(self.data.train.classes)
+        self.num_labels: int | None = None  # the classifier's size is the data's (a causal LM has none)
         self.state: list[np.ndarray] = []
         self.rank = self._scheduled_rank(1)
         self.round_log: dict[str, Any] = {}
@@ -248,19 +250,19 @@ class LoraStrategy(Strategy):
         return None, {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        accuracy, loss = self._model(self.state).score(self.data.test)
-        line = {"round": server_round, "accuracy": accuracy, "loss": loss}
+        scores = self.kind.evaluate(self._model(self.state), self.data.test)  # text: accuracy, loss; LM: ppl too
+        line = {"round": server_round, **scores}
         if server_round > 0:
             line.update({k: v for k, v in self.round_log.items() if k != "round_started"})
             line["round_seconds"] = time.perf_counter() - self.round_log.get("round_started", self.started)
-            line["accuracy"], line["loss"] = accuracy, loss
+            line.update(scores)
         else:
             line.update(self.round_log)  # before round 1: only what a wrapper put there (its ledger's ε)
         with (self.workdir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(line) + "\n")
         if server_round == self.config.rounds:
             self.finish()
-        return loss, {"accuracy": accuracy}
+        return scores["loss"], {k: v for k, v in scores.items() if k != "loss"}
 
     def finish(self) -> None:
         """Write the global adapter (the last round's evaluation calls this; a DP wrapper then writes
