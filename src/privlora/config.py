@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from privlora.config_sections import CanaryOptions, PrivacyStopOptions, Strict, fed_task_defaults
+from privlora.config_sections import CanaryOptions, PrivacyStopOptions, Strict, adaptive_clip_rules, fed_task_defaults
 from privlora.config_yaml import (  # noqa: F401 - re-exported: privlora.config names them all
     MAX_ALIAS_NODES,
     MAX_QUOTE,
@@ -245,6 +245,10 @@ class FedDPOptions(Strict):
     schedule: Literal["constant", "linear", "exponential"] = "linear"  # laplace: ε per round
     epsilon_start: float = Field(4.0, gt=0)  # laplace: ε of round 1 (loose early)
     epsilon_end: float = Field(1.0, gt=0)  # laplace: ε of the last round (strict late)
+    clipping: Literal["fixed", "adaptive"] = "fixed"  # adaptive: C tracks a norm quantile (federated/adaptive_clip)
+    target_quantile: float = Field(0.5, gt=0, lt=1)  # adaptive: the share of updates left unclipped
+    clip_lr: float = Field(0.2, gt=0)  # adaptive: η_C of the geometric step C·exp(−η_C(b̄ − γ))
+    clipped_count_stddev: float | None = Field(None, gt=0)  # adaptive: σ_b of the clients' bits (None: m/20)
 
     @model_validator(mode="after")
     def _sigma(self) -> FedDPOptions:
@@ -360,6 +364,7 @@ class FederatedConfig(Strict):
         return self
 
     _task_defaults = model_validator(mode="after")(fed_task_defaults)
+    _adaptive_clip = model_validator(mode="after")(adaptive_clip_rules)
 
     def per_round(self) -> int:
         return self.clients_per_round or self.clients

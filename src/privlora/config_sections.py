@@ -69,3 +69,21 @@ def fed_task_defaults(config: Any) -> Any:
     if "targets" not in config.lora.model_fields_set:
         update["lora"] = config.lora.model_copy(update={"targets": ("auto",)})
     return config.model_copy(update=update) if update else config
+
+
+def adaptive_clip_rules(config: Any) -> Any:
+    """FederatedConfig's rules for ``dp.clipping: adaptive`` (a model validator; config.py is at its line
+    limit). The clients' clipped bits are read one reply at a time, so the rounds must be flat, synchronous
+    and without secure aggregation; the bits' noise is added locally like the updates' (Andrew et al. 2021)."""
+    dp = config.dp
+    if dp.clipping == "fixed":
+        return config
+    if dp.level != "client" or dp.mechanism != "gaussian":
+        raise ValueError("dp.clipping adaptive is client-level Gaussian DP: set dp.level client and "
+                         "dp.mechanism gaussian")
+    if dp.placement != "local":
+        raise ValueError("dp.clipping adaptive adds every client's noise locally: dp.placement must be local")
+    if config.secagg.enabled or config.hierarchy.edges or config.asynchronous.enabled:
+        raise ValueError("dp.clipping adaptive reads each client's clipped bit from its reply: it needs flat, "
+                         "synchronous rounds without secagg (use dp.clipping fixed with those)")
+    return config

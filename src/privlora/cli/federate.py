@@ -37,7 +37,11 @@ def federate(
                            help="none | gaussian | laplace (client-level, on each client)."),
     noise_multiplier: float = typer.Option(None, "--noise-multiplier", help="Gaussian DP: σ."),
     target_epsilon: float = typer.Option(None, "--target-epsilon", help="Gaussian DP: calibrate σ to this ε."),
-    clip: float = typer.Option(None, help="DP: bound on one client's upload (L2 gaussian, L1 laplace)."),
+    clip: float = typer.Option(None, help="DP: bound on one client's upload (L2 gaussian, L1 laplace); with "
+                               "--clipping adaptive, the first round's."),
+    clipping: str = typer.Option(None, click_type=choice(("fixed", "adaptive")),
+                                 help="Gaussian client-level DP: fixed clip, or adaptive (the clip follows the "
+                                 "median update norm, Andrew et al. 2021; dp.target_quantile, dp.clip_lr)."),
     compression: str = typer.Option(None, click_type=choice(COMPRESSIONS),
                                     help="none | int8 (per-tensor scale, about 4× fewer bytes up)."),
     deployment: bool = typer.Option(False, "--deployment", help="Run on Flower's deployment engine: a real "
@@ -57,7 +61,8 @@ def federate(
         "clients_per_round": per_round,
         "out": str(out) if out else None, "data.source": data, "data.alpha": alpha, "secagg.enabled": secagg,
         "dp.mechanism": dp, "dp.noise_multiplier": noise_multiplier, "dp.target_epsilon": target_epsilon,
-        "dp.clip": clip, "compression": compression, "engine": "deployment" if deployment else None,
+        "dp.clip": clip, "dp.clipping": clipping, "compression": compression,
+        "engine": "deployment" if deployment else None,
         "seed": seed, "quiet": quiet or None,
     }
     settings = load_config(config, overrides(named, set_), model=FederatedConfig)

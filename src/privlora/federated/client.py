@@ -92,6 +92,9 @@ class PlainRound:
                 weight: float) -> tuple[list[np.ndarray], float]:
         return upload, l2_norm(upload)
 
+    def released_metrics(self, norm: float, loss: float) -> dict[str, float]:
+        return {"update_norm": norm, "loss": loss}
+
 
 class LoraClient(NumPyClient):
     """A Flower NumPyClient for one data partition. ``local_round``: the round's train and release steps
@@ -131,8 +134,8 @@ class LoraClient(NumPyClient):
         encoded = get_codec(cfg.compression).encode(upload)
         if pid in faults.corrupt_clients:  # a client that bypasses our encoder (bug or attack): NaNs on the wire
             encoded = [np.full_like(a, np.nan) if a.dtype.kind == "f" else a for a in encoded]
-        metrics = {"partition": pid, "loss": loss, "update_norm": norm, "bytes_up": wire_bytes(encoded),
-                   "train_seconds": time.perf_counter() - start, **dp_metrics}
+        metrics = {"partition": pid, "bytes_up": wire_bytes(encoded), "train_seconds": time.perf_counter() - start,
+                   **self.local_round.released_metrics(norm, loss), **dp_metrics}
         return encoded, samples, metrics
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:

@@ -6,14 +6,20 @@ A local round has two steps a wrapper may take over (:class:`LocalRound`):
 
 * ``train(task, data, seed)`` — the local steps; returns the mean loss and metrics to report;
 * ``release(upload, instructions, weight)`` — what happens to the difference before it is encoded;
-  returns the upload and its norm before any clipping.
+  returns the upload and its norm before any clipping;
+* ``released_metrics(norm, loss)`` — what the reply may say besides the upload: the plain round reports
+  the norm and its training loss; under DP neither (each is a function of the client's data that no noise
+  covers): client-level adaptive clipping reports only its noisy clipped bit.
 
 :class:`ClientLevelClipping` (``dp.level: client``) releases the inner round's upload clipped and
 noised as the server's instructions say (noise from OS entropy: a seeded stream would be predictable
 from the config). :class:`SampleLevelDPSGD` (``dp.level: sample``) trains with DP-SGD instead (Opacus,
 through :mod:`privlora.federated.sample_dp`: the client's own ledger, refusal past ``dp.budget``) and
 releases the inner round's upload untouched — it is post-processing of DP-SGD's output. Without DP the
-plain round is used as it is. :func:`wrap_round` picks the wrapper by the same key as the server.
+plain round is used as it is. :class:`AdaptiveClientClipping` (``dp.clipping: adaptive``) is client-level
+clipping at the round's current clip that also reports ``1[‖Δ‖ ≤ C] − ½`` plus its own Gaussian noise
+(:mod:`privlora.federated.adaptive_clip`). :func:`wrap_round` picks the wrapper by the same key as the
+server.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
-from privlora.federated import client_privacy, sample_dp
+from privlora.federated import adaptive_clip, client_privacy, sample_dp
 from privlora.federated.dp_level import Level, privacy_level
 
 
@@ -38,6 +44,8 @@ class LocalRound(Protocol):
 
     def release(self, upload: list[np.ndarray], instructions: dict[str, Any],
                 weight: float) -> tuple[list[np.ndarray], float]: ...
+
+    def released_metrics(self, norm: float, loss: float) -> dict[str, float]: ...
 
 
 def os_rng() -> np.random.Generator:
@@ -86,6 +94,32 @@ class ClientLevelClipping:
         released, _ = self.inner.release(upload, instructions, weight)
         return privatize(released, instructions, weight, self.rng())
 
+    def released_metrics(self, norm: float, loss: float) -> dict[str, float]:
+        return {}  # a clear norm or loss is not covered by the noise: the server must not see them
+
+
+class AdaptiveClientClipping(ClientLevelClipping):
+    """Client-level DP with adaptive clipping (Andrew et al. 2021): the release of
+    :class:`ClientLevelClipping` at the round's clip ``C``, and the bit ``1[‖Δ‖ ≤ C] − ½`` with the
+    count noise ``N(0, σ_b²)`` the server asked for, which is all the reply says about the norm."""
+
+    def __init__(self, inner: LocalRound, rng: Callable[[], np.random.Generator] = os_rng) -> None:
+        super().__init__(inner, rng)
+        self.bit: float | None = None
+
+    def release(self, upload: list[np.ndarray], instructions: dict[str, Any],
+                weight: float) -> tuple[list[np.ndarray], float]:
+        released, norm = super().release(upload, instructions, weight)
+        if adaptive_clip.COUNT_STD_KEY not in instructions:
+            raise UserError("the server asked for adaptive clipping without the count noise; refusing to report "
+                            "a clear clipped bit")
+        self.bit = adaptive_clip.noisy_bit(norm, float(instructions["clip"]),
+                                           float(instructions[adaptive_clip.COUNT_STD_KEY]), self.rng())
+        return released, norm
+
+    def released_metrics(self, norm: float, loss: float) -> dict[str, float]:
+        return {} if self.bit is None else {adaptive_clip.BIT_KEY: self.bit}
+
 
 class SampleLevelDPSGD:
     """Sample-level DP: ``client.local_steps`` DP-SGD steps (Opacus) instead of the inner round's
@@ -104,11 +138,15 @@ class SampleLevelDPSGD:
                 weight: float) -> tuple[list[np.ndarray], float]:
         return self.inner.release(upload, instructions, weight)
 
+    def released_metrics(self, norm: float, loss: float) -> dict[str, float]:
+        return {}  # the loss of the clear batches is not DP-SGD's output: keep it (and the norm) local
+
 
 #: dp level → how a client's plain round is wrapped (inner round, config, Context.state)
 CLIENT_WRAPPERS: dict[Level, Callable[[LocalRound, FederatedConfig, Any], LocalRound]] = {
     "none": lambda inner, config, state: inner,
     "client": lambda inner, config, state: ClientLevelClipping(inner),
+    "client-adaptive": lambda inner, config, state: AdaptiveClientClipping(inner),
     "sample": lambda inner, config, state: SampleLevelDPSGD(inner, config, state),
 }
 

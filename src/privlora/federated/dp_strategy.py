@@ -18,7 +18,7 @@ its own before or after:
 Everything else (state, rule, ``decode_checked``, ``merge_uploads``, ``edge`` …) reads and writes
 through to the inner strategy, so the workflows (SecAgg+, edges, FedBuff) drive a wrapped strategy as
 they drive a plain one. The wrapper is chosen from the config by :func:`wrap_strategy`, keyed by
-:func:`~privlora.federated.dp_level.privacy_level` (``none | client | sample``) in
+:func:`~privlora.federated.dp_level.privacy_level` (``none | client | client-adaptive | sample``) in
 :data:`SERVER_WRAPPERS`. What an inner strategy must offer is :class:`Wrappable`.
 """
 
@@ -36,6 +36,7 @@ from flwr.server.strategy import Strategy
 
 from privlora.config import FederatedConfig
 from privlora.errors import UserError
+from privlora.federated.adaptive_plan import AdaptiveClippingPlan
 from privlora.federated.dp_level import Level, privacy_level
 from privlora.federated.privacy_plan import PrivacyPlan
 from privlora.federated.sample_plan import SampleLevelPlan
@@ -176,6 +177,16 @@ class ClientLevelFixedClipping(PrivacyWrapper):
     """Client-level DP-FedAvg (McMahan et al. 2018): Poisson client sampling, every client told to clip
     its whole update to ``dp.clip`` and add the plan's noise (local σC or distributed σC/√n), uploads
     over clip + noise bound rejected, the RDP (or Laplace) ledger over rounds."""
+
+
+@register("client-adaptive")
+class ClientLevelAdaptiveClipping(PrivacyWrapper):
+    """Client-level DP-FedAvg with adaptive clipping (Andrew et al. 2021; Flower's
+    ``DifferentialPrivacyClientSideAdaptiveClipping`` shape): as the fixed clip, but every round's clip
+    follows the noisy share of clients whose update fit under it, and the ledger counts the effective
+    noise multiplier of updates and bits together."""
+
+    plan_type = AdaptiveClippingPlan
 
 
 @register("sample")
