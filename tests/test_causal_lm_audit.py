@@ -155,3 +155,22 @@ def test_canaries_are_refused_outside_causal_lm():
         load_config(None, {"task": "text", "canaries.insertions": [1]})
     with pytest.raises(UserError, match="insertions"):
         load_config(None, {"task": "causal-lm", "canaries.insertions": [0]})
+
+
+def test_cli_pii_counts_leaked_spans_in_the_answers(canary_run):
+    from conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("audit", str(canary_run), "--attacks", "loss", "--pii"), "add --extraction")
+    proc = run_cli("audit", str(canary_run), "--attacks", "loss", "--extraction", "1", "--pii", "-q", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    e = json.loads((canary_run / "audit" / "results.json").read_text())["extraction"]
+    for who in ("adapter", "base_control"):
+        for mode in ("greedy", "sampled"):
+            pii = e[who][mode]["pii"]
+            assert 0 <= pii["leaked"] <= pii["spans"]
+            assert sum(t["spans"] for t in pii["by_type"].values()) == pii["spans"]
+    # the adapter learnt the records' templates (names, e-mail addresses, account numbers): its answers hold
+    # PII the scanner finds; what leaks is counted against the training records
+    assert e["adapter"]["greedy"]["pii"]["spans"] + e["adapter"]["sampled"]["pii"]["spans"] > 0
+    html = (canary_run / "audit" / "report.html").read_text()
+    assert "PII leaked / found" in html

@@ -118,14 +118,16 @@ def canary_exposure(loaded: Any, canaries: list[Any], fmt: Any, *, seed: int) ->
             "max_exposure": float(np.log2(fmt.space_size)), "adapter": adapter, "base_control": base}
 
 
-def prompt_extraction(loaded: Any, *, samples: int, seed: int) -> dict[str, Any]:
-    """lm_extraction.extraction_test on the members' prompts (greedy + ``samples`` sampled), adapter vs base."""
+def prompt_extraction(loaded: Any, *, samples: int, seed: int, pii: bool = False) -> dict[str, Any]:
+    """lm_extraction.extraction_test on the members' prompts (greedy + ``samples`` sampled), adapter vs base;
+    ``pii``: each answer scanned by the text sanitizer's PII scanner (``pii`` per decoding: spans found, and
+    ``leaked`` — those whose text is in a training record but not in the prompt)."""
     from privlora.audit.lm_extraction import extraction_test
 
     task, members = loaded.task, loaded.members
     rendered = [task.format_prompt(m) for m in members.prompts]
     records = [{"prompt": p, "response": r} for p, r in zip(rendered, members.responses, strict=True)]
-    result = extraction_test(task.model, task.tokenizer, records, samples=samples, seed=seed,
+    result = extraction_test(task.model, task.tokenizer, records, samples=samples, seed=seed, pii=pii,
                              encoder=task_encoder(task, dict(zip(rendered, members.prompts, strict=True)), eos=False),
                              control=loaded.base_control)
     result["adapter"], result["base_control"] = result.pop("target"), result.pop("base")
@@ -134,7 +136,7 @@ def prompt_extraction(loaded: Any, *, samples: int, seed: int) -> dict[str, Any]
     return result
 
 
-def lm_extras(loaded: Any, *, extraction: int, seed: int, quiet: bool = True) -> dict[str, Any]:
+def lm_extras(loaded: Any, *, extraction: int, seed: int, quiet: bool = True, pii: bool = False) -> dict[str, Any]:
     """results.json keys only a language model has: ``canary_exposure`` (when the run planted canaries) and
     ``extraction`` (with ``--extraction N``: N sampled continuations per member prompt besides greedy)."""
     from privlora.train.lm_canaries import read_canaries
@@ -144,5 +146,5 @@ def lm_extras(loaded: Any, *, extraction: int, seed: int, quiet: bool = True) ->
     if planted is not None and planted[0]:
         out["canary_exposure"] = canary_exposure(loaded, *planted, seed=seed)
     if extraction:
-        out["extraction"] = prompt_extraction(loaded, samples=extraction, seed=seed)
+        out["extraction"] = prompt_extraction(loaded, samples=extraction, seed=seed, pii=pii)
     return out

@@ -141,13 +141,17 @@ def _check_attacks(attacks: tuple[str, ...] | None, references: int, kind: Audit
 
 
 def check_request(loaded: LoadedRun, attacks: tuple[str, ...] | None, *, references: int,
-                  extraction: int) -> tuple[str, ...]:
+                  extraction: int, pii: bool = False) -> tuple[str, ...]:
     """The attacks an audit of ``loaded`` will run, or a UserError for options that do not fit its task
     (checked before any reference adapter is trained)."""
     attacks = _check_attacks(None if attacks is None else tuple(attacks), references, loaded.kind)
     if extraction and not loaded.kind.extraction:
         raise UserError(f"--extraction generates images (or, for causal-lm runs, answers); it does not apply to "
                         f"a {loaded.kind_name} run")
+    if pii and loaded.kind.extras is None:
+        raise UserError(f"--pii scans a causal LM's answers for PII; it does not apply to a {loaded.kind_name} run")
+    if pii and not extraction:
+        raise UserError("--pii scans the --extraction answers: add --extraction N")
     return attacks
 
 
@@ -218,15 +222,16 @@ def score_run(loaded: LoadedRun, attacks: tuple[str, ...], *, seed: int, refs: r
 def audit_run(run: Path, *, attacks: tuple[str, ...] | None = None, references: int = 0,
               reference_dir: Path | None = None, fprs: tuple[float, ...] | None = None, seed: int = 0,
               quiet: bool = True, loaded: LoadedRun | None = None, extraction: int = 0,
-              pool: ReferencePool | None = None) -> dict[str, Any]:
+              pool: ReferencePool | None = None, pii: bool = False) -> dict[str, Any]:
     """Score, summarise and write ``<run>/audit/``; returns the contents of results.json.
 
     ``attacks`` None: every model-only attack of the run's task (image: loss, secmi, pia, sima; text: loss).
-    ``pool``: how missing reference adapters train (one after another, or on Ray; the same adapters)."""
+    ``pool``: how missing reference adapters train (one after another, or on Ray; the same adapters).
+    ``pii``: with ``extraction`` on a causal LM, scan the answers for PII that a training record holds."""
     run = Path(run)
     loaded = loaded or load_run(run, tasks=tuple(AUDIT_KINDS))
     kind = loaded.kind
-    attacks = check_request(loaded, attacks, references=references, extraction=extraction)
+    attacks = check_request(loaded, attacks, references=references, extraction=extraction, pii=pii)
     members, held_out = loaded.members, loaded.held_out
     if len(members) < 2 or len(held_out) < 2:
         raise UserError(f"the audit needs at least 2 members and 2 evaluation non-members "
@@ -261,7 +266,7 @@ def audit_run(run: Path, *, attacks: tuple[str, ...] | None = None, references: 
         results["provenance"].update(adapter=str(loaded.adapter_dir), adapter_sha256=sha256_file(
             Path(loaded.adapter_dir) / "adapter_model.safetensors"))
     if kind.extras is not None:  # the kind's own results (causal-lm: canary exposure, extraction by prompting)
-        results.update(kind.extras(loaded, extraction=extraction, seed=seed, quiet=quiet))
+        results.update(kind.extras(loaded, extraction=extraction, seed=seed, quiet=quiet, pii=pii))
     elif extraction:
         from privlora.audit.extraction_run import run_extraction
 

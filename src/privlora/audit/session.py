@@ -52,7 +52,7 @@ def default_report_path(runs: list[Path]) -> Path:
 def audit_session(runs: list[Path], *, attacks: tuple[str, ...] | None, references: int, reference_dir: Path | None,
                   fprs: tuple[float, ...] | None, extraction: int, report: Path | None, seed: int, quiet: bool,
                   echo: Callable[[str], Any] = print, pool: ReferencePool | None = None,
-                  client: str | None = None) -> list[dict[str, Any]]:
+                  client: str | None = None, pii: bool = False) -> list[dict[str, Any]]:
     runs = [Path(r) for r in runs]
     if len({r.resolve() for r in runs}) != len(runs):
         raise UserError("the same run directory is given twice")
@@ -63,7 +63,7 @@ def audit_session(runs: list[Path], *, attacks: tuple[str, ...] | None, referenc
     if len(tasks) > 1:  # they would share reference adapters trained on one task's population
         raise UserError(f"audit runs of one task at a time (got {' and '.join(tasks)} runs)")
     for lr in loaded:
-        check_request(lr, attacks, references=references, extraction=extraction)
+        check_request(lr, attacks, references=references, extraction=extraction, pii=pii)
     reference_dir = reference_dir or (runs[0] / "references")
     if references:
         # references model "a plain adapter trained on this image": take the recipe of a plain run when
@@ -76,7 +76,8 @@ def audit_session(runs: list[Path], *, attacks: tuple[str, ...] | None, referenc
         if not quiet:
             echo(f"auditing {run} ({len(lr.members)} members vs {len(lr.held_out)} evaluation non-members)")
         results = audit_run(run, attacks=attacks, references=references, reference_dir=reference_dir,
-                            fprs=fprs, seed=seed, quiet=quiet, loaded=lr, extraction=extraction, pool=pool)
+                            fprs=fprs, seed=seed, quiet=quiet, loaded=lr, extraction=extraction, pool=pool,
+                            pii=pii)
         all_results.append(results)
     path = write_report(all_results, report or default_report_path(runs),
                         extra_images={"LoRA spectrum (ΔW = B·A per layer)": spectrum_image(

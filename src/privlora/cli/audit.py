@@ -40,6 +40,9 @@ def audit(
     extraction: int = typer.Option(0, "--extraction", help="Also generate N images and look for training-image "
                                    "copies (Carlini et al. 2023); causal-lm runs: prompt every member with its "
                                    "prompt, greedy + N sampled answers, verbatim and near-verbatim rates; 0: skip."),
+    pii: bool = typer.Option(False, "--pii", help="With --extraction on a causal-lm run: scan every answer with "
+                             "the text sanitizer's PII scanner and count the spans that occur in a training "
+                             "record but not in the prompt (leaked), adapter vs base."),
     report: Path = typer.Option(None, help="HTML report (default: RUN_DIR/audit/report.html, or report.html "
                                 "beside the runs when several are given)."),
     dp_canaries: int = typer.Option(0, "--dp-canaries", metavar="M", help="Instead of the membership audit: "
@@ -118,7 +121,7 @@ def audit(
             raise UserError(f"--fpr expects numbers like 0.01,0.001, got {fpr!r}") from None
     audit_session(runs, attacks=names, references=references, reference_dir=reference_dir, fprs=fprs,
                   extraction=extraction, report=report, seed=seed, quiet=quiet, echo=typer.echo, pool=pool,
-                  client=client)
+                  client=client, pii=pii)
 
 
 @one_line_errors
