@@ -12,7 +12,6 @@ the same way, so a copy of the model is held to its record too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -55,12 +54,11 @@ def verify_weights(folder: Path) -> None:
     weights = folder / str(record.get("weights_file", "model.safetensors"))
     if not weights.is_file():
         raise UserError(f"{weights} is missing (the provenance in {folder / PROVENANCE} records it)")
-    digest = hashlib.sha256()
-    with weights.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != record["weights_sha256"]:
-        raise UserError(f"{weights} does not match its provenance: sha256 {digest.hexdigest()[:16]}…, recorded "
+    from privlora.weights import sha256  # hashed once per process for the same file, size and mtime
+
+    digest = sha256(weights)
+    if digest != record["weights_sha256"]:
+        raise UserError(f"{weights} does not match its provenance: sha256 {digest[:16]}…, recorded "
                         f"{str(record['weights_sha256'])[:16]}… (a damaged or modified copy; reinstall privlora "
                         "or rebuild with scripts/build_tiny_lm.py)")
 
