@@ -225,3 +225,16 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(task):
     finally:
         task.tokenizer.chat_template = None
         task._encoded.clear()
+
+
+def test_data_max_tokens_bounds_every_encoded_record():
+    from privlora.tasks.lora import LoraSpec
+    from privlora.train.data import load_task_and_data
+
+    config = load_config(None, {"task": "causal-lm", "data.limit": 8, "data.max_tokens": 24})
+    task, data = load_task_and_data(config, LoraSpec(rank=2, alpha=2, targets=("auto",)))
+    encoded = task.encode(data.batch(list(range(len(data)))))
+    assert task.max_length == 24 and encoded["input_ids"].shape[1] <= 24
+    assert bool(encoded["response_mask"].any(dim=1).all())  # every record keeps response tokens to score
+    with pytest.raises(Exception, match="max_tokens"):
+        load_config(None, {"task": "causal-lm", "data.max_tokens": 4})

@@ -60,6 +60,7 @@ class DataOptions(Strict):
     caption_column: str | None = None
     text_column: str | None = None
     label_column: str | None = None
+    max_tokens: int = Field(256, ge=8, le=32768)  # causal-lm: tokens per record (prompt cut left, response right)
 
     @model_validator(mode="before")
     def _preset(cls, values: Any) -> Any:  # explicit fractions win over data.split's

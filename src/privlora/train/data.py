@@ -97,7 +97,8 @@ def _causal_lm_task_and_data(config: TrainConfig, spec: Any) -> tuple[Any, Any]:
         raise UserError("the causal-lm task's proxy attacker reads its per-token loss statistics "
                         "(mp.attacker: paper); the calibrated view is for diffusion runs")
     data = load_instruction_dataset(config.data.source, limit=config.data.limit)
-    return CausalLMTask(config.base, lora=spec, seed=config.seed, device=config.device), data
+    return CausalLMTask(config.base, lora=spec, seed=config.seed, device=config.device,
+                        max_length=config.data.max_tokens), data
 
 
 #: config.task → loader of (Task, dataset)
