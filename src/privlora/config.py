@@ -12,6 +12,13 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from privlora.config_sections import CanaryOptions, PrivacyStopOptions, Strict, adaptive_clip_rules, fed_task_defaults
+from privlora.config_split import (  # noqa: F401 - re-exported: privlora.config names every config
+    SplitConfig,
+    SplitDataOptions,
+    SplitLoraOptions,
+    SplitOptimOptions,
+    SplitPrivatizerOptions,
+)
 from privlora.config_yaml import (  # noqa: F401 - re-exported: privlora.config names them all
     MAX_ALIAS_NODES,
     MAX_QUOTE,
@@ -369,53 +376,6 @@ class FederatedConfig(Strict):
 
     def per_round(self) -> int:
         return self.clients_per_round or self.clients
-
-
-class SplitPrivatizerOptions(Strict):
-    name: Literal["none", "dchi", "cti"] = "cti"
-    eta: float | None = Field(3.0, gt=0)  # dχ: noise density ∝ exp(−η‖n‖), mean noise norm = hidden/η
-    cti_top_k: int = Field(50, ge=1)  # CTI: how many label-carrying tokens are spared
-    cti_boost: float = Field(100.0, ge=1)  # CTI: those tokens get η·boost (boost× less noise)
-    cti_min_count: int = Field(5, ge=1)  # CTI: only tokens seen in at least this many training texts
-
-    @model_validator(mode="after")
-    def _eta(self) -> SplitPrivatizerOptions:
-        if self.name != "none" and self.eta is None:
-            raise ValueError(f"privatizer {self.name} needs eta")
-        return self
-
-
-class SplitLoraOptions(Strict):
-    rank: int = Field(8, ge=1, le=384)  # LoRA on the bottom's blocks (trainable bottom only)
-    alpha: float = Field(16.0, gt=0)
-
-
-class SplitDataOptions(Strict):
-    source: str = "demo:tweets"  # demo:tweets | CSV/TSV/JSONL with text,label
-    limit: int | None = Field(2000, ge=4)
-    eval: float = Field(0.3, gt=0, lt=1)  # held out on the user's side to measure accuracy
-
-
-class SplitOptimOptions(Strict):
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(32, ge=1, le=64)
-    lr: float = Field(1e-3, gt=0)  # the trainable bottom's (the server sets its own with --lr)
-
-
-class SplitConfig(Strict):
-    """``privlora split train``: the user's side (the server's depth/base come from the server)."""
-
-    name: str = "split"
-    out: Path = Path("runs/split")
-    seed: int = 0
-    quiet: bool = False
-    server: str = "http://127.0.0.1:8765"
-    base: str = "minilm"  # must be the server's base: minilm or a local BERT-family folder
-    bottom: Literal["frozen", "trainable"] = "frozen"
-    lora: SplitLoraOptions = SplitLoraOptions()
-    privatizer: SplitPrivatizerOptions = SplitPrivatizerOptions()
-    data: SplitDataOptions = SplitDataOptions()
-    optim: SplitOptimOptions = SplitOptimOptions()
 
 
 #: the most validation problems one error line lists

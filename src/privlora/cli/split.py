@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -31,15 +32,20 @@ def split_serve(
     port: int = typer.Option(8765, help="TCP port."),
     host: str = typer.Option("127.0.0.1", help="Interface (0.0.0.0 to accept other machines; put TLS in front)."),
     token: str = typer.Option(None, envvar="PRIVLORA_SPLIT_TOKEN", show_envvar=False, help=TOKEN_HELP),
-    num_labels: int = typer.Option(3, "--num-labels", help="Classes of the head (demo:tweets has 3)."),
-    base: str = typer.Option("minilm", help="Base encoder: minilm (offline, from PyPI) or a local model folder."),
+    task: str = typer.Option("text", click_type=choice(("text", "causal-lm")),
+                             help="text (a classifier's top and head) | causal-lm (the middle blocks of a GPT-2-family "
+                             "LM: the user keeps embeddings, first blocks and the LM head)."),
+    num_labels: int = typer.Option(3, "--num-labels", help="Classes of the head (demo:tweets has 3; text only)."),
+    base: str = typer.Option(None, help="Base model: minilm (text, offline from PyPI), embedded-lm (causal-lm) or "
+                             "a local model folder. Default: the task's."),
     out: Path = typer.Option(Path("runs/split-server/adapter"), help="Where /save and shutdown write the adapter."),
     lr: float = typer.Option(1e-3, help="The top LoRA's learning rate (AdamW)."),
     rank: int = typer.Option(8, help="LoRA rank on the top blocks."),
     max_batch: int = typer.Option(64, "--max-batch", help="Largest batch a request may carry."),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body (MiB); larger ones get 413."),
-    input_clip: float = typer.Option(14.0, "--input-clip", help="Scale received token vectors longer than this "
-                                     "down to it (clean MiniLM states are < 13.4; 0 = off)."),
+    input_clip: float = typer.Option(None, "--input-clip", help="Scale received token vectors longer than this "
+                                     "down to it (0 = off). Default: text 14 (clean MiniLM states are < 13.4); "
+                                     "causal-lm 1.25 × the largest clean norm at the cut on public text."),
     seed: int = typer.Option(0, help="Seed of the LoRA and head initialisation."),
     log_level: str = typer.Option("warning", "--log-level", click_type=choice(LOG_LEVELS),
                                   help="uvicorn log level (info shows each request)."),
@@ -47,11 +53,8 @@ def split_serve(
     """Start the provider's server: the top of the model with its LoRA, trained through /forward and /backward."""
     import socket
 
-    from privlora.split.models import SplitTop
-    from privlora.split.run import base_path
     from privlora.split.server import serve
     from privlora.split.service import TopService
-    from privlora.tasks.text import TextLora
 
     offline_defaults()
     if not token:
@@ -61,12 +64,39 @@ def split_serve(
             probe.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror})") from None
-    top = SplitTop(depth, num_labels, lora=TextLora(rank=rank, alpha=2 * rank), seed=seed, base=base_path(base),
-                   input_clip=input_clip or None)
+    base = base or DEFAULT_BASES[task]
+    top = TOP_BUILDERS[task](depth, num_labels, rank, seed, base, input_clip)
     service = TopService(top, lr=lr, max_batch=max_batch, base_name=base)
-    typer.echo(f"split server on http://{host}:{port}: {base} cut after block {depth} "
-               f"({len(top.blocks)} blocks + head here, {num_labels} labels); adapter → {out}", err=True)
+    here = f"{num_labels} labels" if task == "text" else "no LM head: the user keeps it"
+    typer.echo(f"split server on http://{host}:{port}: {base} ({task}) cut after block {depth} "
+               f"({len(top.blocks)} blocks here, {here}); adapter → {out}", err=True)
     serve(service, token, host=host, port=port, out=out, log_level=log_level, max_body=int(max_body_mb * 2**20))
+
+
+DEFAULT_BASES = {"text": "minilm", "causal-lm": "embedded-lm"}
+
+
+def _text_top(depth: int, num_labels: int, rank: int, seed: int, base: str, input_clip: float | None) -> Any:
+    from privlora.split.models import INPUT_CLIP, SplitTop
+    from privlora.split.run import base_path
+    from privlora.tasks.text import TextLora
+
+    clip = INPUT_CLIP if input_clip is None else (input_clip or None)
+    return SplitTop(depth, num_labels, lora=TextLora(rank=rank, alpha=2 * rank), seed=seed, base=base_path(base),
+                    input_clip=clip)
+
+
+def _lm_top(depth: int, num_labels: int, rank: int, seed: int, base: str, input_clip: float | None) -> Any:
+    from privlora.split.lm_models import LMSplitTop
+    from privlora.tasks.lora import LoraSpec
+
+    clip = "public" if input_clip is None else (input_clip or None)
+    return LMSplitTop(depth, lora=LoraSpec(rank=rank, alpha=2 * rank, targets=("auto",)), seed=seed, base=base,
+                      input_clip=clip)
+
+
+#: task → the provider's half (depth, labels, rank, seed, base, input clip or None for the task's default)
+TOP_BUILDERS = {"text": _text_top, "causal-lm": _lm_top}
 
 
 @split_app.command("train")
@@ -75,7 +105,11 @@ def split_train_cmd(
     config: Path = typer.Option(None, "--config", "-c", help="YAML config (e.g. configs/split-cti.yaml)."),
     server: str = typer.Option(None, help="Server URL (default http://127.0.0.1:8765)."),
     token: str = typer.Option(None, envvar="PRIVLORA_SPLIT_TOKEN", show_envvar=False, help=TOKEN_HELP),
-    data: str = typer.Option(None, help="demo:tweets or a CSV/TSV/JSONL file with text,label."),
+    task: str = typer.Option(None, click_type=choice(("text", "causal-lm")),
+                             help="text (classifier; default) | causal-lm (instruction records; the server must "
+                             "run --task causal-lm)."),
+    data: str = typer.Option(None, help="text: demo:tweets or a CSV/TSV/JSONL file with text,label; causal-lm: "
+                             "demo:support or a JSONL file of prompt/response or messages records."),
     limit: int = typer.Option(None, help="Use a seeded sample of this many texts."),
     privatizer: str = typer.Option(None, click_type=choice(PRIVATIZERS),
                                    help="cti (default: dχ noise, less on label-carrying tokens) | dchi | none."),
@@ -96,19 +130,21 @@ def split_train_cmd(
     from privlora.split.run import split_train
 
     offline_defaults()
-    named = {"server": server, "data.source": data, "data.limit": limit, "privatizer.name": privatizer,
+    named = {"task": task, "server": server, "data.source": data, "data.limit": limit, "privatizer.name": privatizer,
              "privatizer.eta": eta, "bottom": bottom, "optim.steps": steps, "optim.batch_size": batch_size,
              "out": str(out) if out else None, "seed": seed, "quiet": quiet or None}
     settings = load_config(config, overrides(named, set_), model=SplitConfig)
-    with HttpTop(settings.server, token or "") as top:
+    with HttpTop(settings.server, token or "", task=settings.task) as top:
         run = split_train(settings, top)
     s = run.summary
     p = s["privatizer"]
     spared = f", {p['contributing_count']} tokens spared (CTI)" if p["name"] == "cti" else ""
     typer.echo(f"split training ({p['name']}, η={p['eta']}{spared}; depth {s['depth']}, {s['bottom']} bottom) "
                f"→ {run.run_dir}")
-    typer.echo(f"  held-out accuracy {run.accuracy:.3f} (loss {run.loss:.3f}) on {s['eval_texts']} texts; "
-               f"{s['samples_per_second']:.1f} texts/s; {s.get('bytes_sent', 0) / 2**20:.1f} MiB sent")
+    held = f"held-out perplexity {s['eval_perplexity']:.1f} (loss {run.loss:.3f}) on {s['eval_records']} records" \
+        if settings.task == "causal-lm" else \
+        f"held-out accuracy {run.accuracy:.3f} (loss {run.loss:.3f}) on {s['eval_texts']} texts"
+    typer.echo(f"  {held}; {s['samples_per_second']:.1f} texts/s; {s.get('bytes_sent', 0) / 2**20:.1f} MiB sent")
 
 
 @split_app.command("predict")

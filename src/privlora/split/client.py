@@ -19,7 +19,9 @@ from privlora.split.wire import Expect, WireError, pack, unpack
 class HttpTop:
     """``forward``/``backward``/``info``/``save`` against ``privlora split serve`` over HTTP."""
 
-    def __init__(self, url: str, token: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, token: str, *, timeout: float = 120.0, task: str = "text") -> None:
+        """``task``: what the server's top returns — ``text``: logits ``[B, num_labels]``; ``causal-lm``:
+        hidden states ``[B, T, H]`` of the same shape as the ones sent."""
         import httpx
 
         if not token:
@@ -27,6 +29,7 @@ class HttpTop:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, timeout=timeout,
                                   headers={"Authorization": f"Bearer {token}"})
+        self.task = task
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -63,7 +66,8 @@ class HttpTop:
         response = self._request("POST", "/forward", content=body,
                                  params={"train": int(train), "input_grad": int(want_input_grad)},
                                  headers={"Content-Type": "application/octet-stream"})
-        logits = self._unpack(response.content, {"logits": Expect(("F32",), (hidden.shape[0], None))})["logits"]
+        shape = tuple(hidden.shape) if self.task == "causal-lm" else (hidden.shape[0], None)
+        logits = self._unpack(response.content, {"logits": Expect(("F32",), shape)})["logits"]
         return response.headers.get("X-Privlora-Step"), logits
 
     def backward(self, step_id: str, grad_logits: torch.Tensor) -> torch.Tensor | None:

@@ -124,6 +124,8 @@ class SplitTop:
     accuracy at η ≤ 6 without it).
     """
 
+    kind = "text"
+
     def __init__(self, depth: int, num_labels: int, *, lora: TextLora = TextLora(), seed: int = 0,
                  base: str | Path | None = None, input_clip: float | None = INPUT_CLIP) -> None:
         probe = TextClassificationTask(num_labels, lora=None, seed=seed, base=base)
@@ -142,6 +144,10 @@ class SplitTop:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    def output_shape(self, batch: int) -> tuple[int | None, ...]:
+        """What ``forward`` returns for ``batch`` texts (and the gradient ``/backward`` must carry)."""
+        return (batch, self.num_labels)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.task.trainable_parameters()

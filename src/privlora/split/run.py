@@ -67,6 +67,9 @@ def build_privatizer(options: SplitPrivatizerOptions, bottom: SplitBottom, train
 
 def check_server(info: dict[str, Any], classes: list[str], config: SplitConfig) -> int:
     """The server's split depth; refuses a server whose head cannot hold the user's classes."""
+    if info.get("task", "text") != "text":
+        raise UserError(f"the split server hosts a {info['task']} model; this client trains a text classifier: "
+                        f"give --task {info['task']} (and that task's data)")
     if info.get("base") != config.base:
         raise UserError(f"the split server runs base {info.get('base')!r} but this client is set to "
                         f"{config.base!r}; both halves must come from the same model")
@@ -79,7 +82,15 @@ def check_server(info: dict[str, Any], classes: list[str], config: SplitConfig) 
 
 
 def split_train(config: SplitConfig, top: TopEndpoint, *, progress: bool = True) -> SplitRun:
-    """Train against a split server (or a :class:`LocalTop`) and write the user's run directory."""
+    """Train against a split server (or a :class:`LocalTop`) and write the user's run directory: the
+    classifier's loop below, or the causal LM's (:func:`privlora.split.lm_run.lm_split_train`)."""
+    from privlora.split.lm_run import lm_split_train
+
+    trainers = {"text": _split_train_text, "causal-lm": lm_split_train}
+    return trainers[config.task](config, top, progress=progress)
+
+
+def _split_train_text(config: SplitConfig, top: TopEndpoint, *, progress: bool = True) -> SplitRun:
     from privlora.progress import progress_bar
     from privlora.runs import atomic_dir
 
@@ -126,6 +137,9 @@ def load_split_run(run_dir: Path) -> tuple[dict[str, Any], SplitBottom, Privatiz
         raise UserError(f"{run_dir} is not a split run directory (no {SPLIT_JSON}; run `privlora split train`)")
     try:
         summary = json.loads(path.read_text())
+        if isinstance(summary, dict) and summary.get("task", "text") != "text":
+            raise UserError(f"{run_dir} is a split {summary['task']} run; split predict labels texts with a split "
+                            "classifier")
         depth, classes, spec = int(summary["depth"]), list(summary["classes"]), summary["privatizer"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise UserError(f"{path} is not a valid split summary") from None

@@ -35,11 +35,15 @@ class _Pending:
 
 
 class TopService:
-    """Holds the top model; validates shapes; runs forward/backward/step; saves the adapter."""
+    """Holds the top model (a text :class:`~privlora.split.models.SplitTop` or a causal LM's
+    :class:`~privlora.split.lm_models.LMSplitTop`); validates shapes; runs forward/backward/step; saves
+    the adapter."""
 
-    def __init__(self, top: SplitTop, *, lr: float = 1e-3, max_batch: int = 64, max_tokens: int = 128,
+    def __init__(self, top: SplitTop, *, lr: float = 1e-3, max_batch: int = 64, max_tokens: int | None = None,
                  lease_timeout: float = 60.0, lease_wait: float = 30.0, base_name: str = "minilm") -> None:
-        self.top, self.max_batch, self.max_tokens = top, max_batch, max_tokens
+        """``max_tokens``: the longest text a request may carry (None: the top's own ``max_tokens``, else 128)."""
+        self.top, self.max_batch = top, max_batch
+        self.max_tokens = int(max_tokens or getattr(top, "max_tokens", 128))
         self.lease_timeout, self.lease_wait, self.base_name = lease_timeout, lease_wait, base_name
         self.optimizer = torch.optim.AdamW(top.trainable_parameters(), lr=lr)
         self.steps = 0
@@ -54,7 +58,8 @@ class TopService:
                 "attention_mask": Expect(("I64", "I32", "BOOL", "U8"), (None, None))}
 
     def backward_spec(self, batch: int) -> dict[str, Expect]:
-        return {"grad_logits": Expect(("F32",), (batch, self.top.num_labels))}
+        """The gradient of what ``forward`` returned: ``[B, num_labels]`` (text) or ``[B, T, H]`` (causal LM)."""
+        return {"grad_logits": Expect(("F32",), self.top.output_shape(batch))}
 
     def check_forward(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, mask = tensors["hidden"], tensors["attention_mask"]
@@ -72,7 +77,8 @@ class TopService:
         return hidden, mask
 
     def info(self) -> dict[str, Any]:
-        return {"base": self.base_name, "depth": self.top.depth, "hidden_size": self.top.hidden_size,
+        return {"task": self.top.kind, "base": self.base_name, "depth": self.top.depth,
+                "hidden_size": self.top.hidden_size,
                 "num_labels": self.top.num_labels, "max_batch": self.max_batch, "max_tokens": self.max_tokens,
                 "steps": self.steps, "samples": self.samples}
 

@@ -102,6 +102,17 @@ def _no_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0  # Llama-style attention passes it to sdpa in train mode
 
 
+def response_nll(logits: torch.Tensor, encoded: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL of ``logits`` ``[B, T, V]`` against the next tokens of ``encoded`` and the mask of the
+    scored (response) positions, ``[B, T-1]`` each (:meth:`CausalLMTask.token_nll`; the split LM's client
+    scores the logits of its own head with it)."""
+    targets = encoded["labels"][:, 1:]
+    mask = encoded["response_mask"][:, 1:] & (targets != -100)
+    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0),
+                                      reduction="none")
+    return nll * mask, mask
+
+
 class CausalLMTask:
     """A frozen causal LM with LoRA on its attention; batches are ``{"prompts", "responses"}`` (lists of
     message tuples and strings, :class:`privlora.data.instructions.InstructionSet`)."""
@@ -207,11 +218,7 @@ class CausalLMTask:
         Position ``t``'s logits predict ``labels[t+1]``; only ``response_mask[t+1]`` positions count (and never
         a label of -100, Hugging Face's ignore value, should a caller pass such labels)."""
         logits = self.denoiser(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
-        targets = encoded["labels"][:, 1:]
-        mask = encoded["response_mask"][:, 1:] & (targets != -100)
-        nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0),
-                                          reduction="none")
-        return nll * mask, mask
+        return response_nll(logits, encoded)
 
     def per_sample_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean NLL over each record's response tokens, ``[B]``."""
