@@ -1,11 +1,11 @@
 """Client-level DP at 100 and 1,000 clients: no DP vs a fixed clip vs adaptive clipping (Andrew et al. 2021).
 
 FFA-LoRA on the tweets task (MiniLM), small non-IID clients (Dirichlet α = 1 over 16,000 training tweets: a
-median of 14 at 1,000 clients, 160 at 100), Poisson client sampling with the q the accountant assumes (q = 50
+median of 14 at 1,000 clients, 160 at 100), Poisson client sampling with the q the accountant assumes (q = 30
 / clients), ε = 8 at δ = 1e-5 after all rounds, every client's noise added locally (the server never sees a
 clear update; ``fixed-secagg`` splits it over the round's clients under SecAgg+, so the secure sum carries σC
 once, as DP-FedAvg's central noise). The fixed clip is C = 1 (configs/fed-ffa-secure.yaml's); adaptive
-clipping starts there and tracks the median update norm (γ = 0.5, η_C = 0.2, σ_b = m/20 = 2.5), the ledger
+clipping starts there and tracks the median update norm (γ = 0.5, η_C = 0.2, σ_b = m/20 = 1.5), the ledger
 counting updates and bits together at the effective noise multiplier. Per run: final server accuracy, ε, the
 clip per round, median wall time per round (rounds 2+), and the peak resident memory of the whole process tree
 (this process + Ray's workers, sampled every 0.2 s).
@@ -34,7 +34,7 @@ from privlora.runs import write_json_atomic
 RESULTS = Path(__file__).parent / "results" / "federated_many_clients.json"
 TABLE = RESULTS.with_suffix(".md")
 WORK = Path(__file__).parent / ".work" / "fed-many"
-PER_ROUND = 50
+PER_ROUND = 30
 EPSILON, DELTA = 8.0, 1e-5
 COMMON: dict[str, Any] = {
     "strategy": "ffa", "rounds": 15, "quiet": True,
