@@ -43,6 +43,7 @@ from privlora.runs import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "federated_sample_dp.json"
+TABLE = RESULTS.with_suffix(".md")
 WORK = Path(__file__).parent / ".work" / "fed-sample-dp"
 EPSILONS = (8.0, 3.0, 1.0)
 DELTA = 1e-5
@@ -135,12 +136,37 @@ def run_variant(config: FederatedConfig) -> dict[str, Any]:
     return out
 
 
+def table(results: dict[str, Any]) -> str:
+    """Accuracy by ε (columns) for each strategy (rows), the non-DP run first; ε is the largest client's."""
+    runs = results.get("runs", {})
+    lines = ["| run | no DP | ε = 8 | ε = 3 | ε = 1 |", "|---|---|---|---|---|"]
+    for clients in sorted({r["clients"] for r in runs.values() if r["strategy"] != "centralised"}):
+        for strategy in (*STRATEGIES, "central"):
+            cells = []
+            plain = runs.get(f"{strategy}-{clients}c")
+            cells.append(f"{plain['accuracy']:.3f}" if plain else "—")
+            for eps in EPSILONS:
+                key = f"central-{clients}c-dp-eps{eps:g}" if strategy == "central" else \
+                    f"{strategy}-{clients}c-sdp-eps{eps:g}"
+                r = runs.get(key)
+                cells.append("—" if r is None else f"{r['accuracy']:.3f} (ε {r['epsilon_max_client']:.2f})")
+            label = f"centralised DP-LoRA ({clients} clients' data)" if strategy == "central" else \
+                f"{'FFA-LoRA' if strategy == 'ffa' else 'FedIT'}, {clients} clients"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, choices=sorted(LOCAL_STEPS), default=5)
     parser.add_argument("--only", nargs="*", default=None, help="variant names to (re)run; default: the missing ones")
     parser.add_argument("--list", action="store_true", help="print the variant names and exit")
+    parser.add_argument("--table", action="store_true", help="only rewrite the table from the JSON")
     args = parser.parse_args()
+    if args.table:
+        TABLE.write_text(table(json.loads(RESULTS.read_text())))
+        print(f"wrote {TABLE}")
+        return
     planned = variants(args.clients)
     if args.list:
         print("\n".join(planned))
@@ -164,7 +190,8 @@ def main() -> None:
                     for e in EPSILONS if (k := f"{strategy}-{clients}c-sdp-eps{e:g}") in runs}
             results.setdefault("points_below_non_dp", {})[f"{strategy}-{clients}c"] = gaps
     write_json_atomic(RESULTS, results)
-    print(f"wrote {RESULTS}")
+    TABLE.write_text(table(results))
+    print(f"wrote {RESULTS} and {TABLE}")
 
 
 if __name__ == "__main__":
