@@ -7,10 +7,6 @@ the wire protocol carries ``[B, T, H]`` both ways (a wrong gradient shape is a 4
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -127,24 +123,11 @@ def test_config_defaults_and_refusals():
 
 @pytest.mark.slow
 def test_split_serve_and_train_commands_for_a_causal_lm(tmp_path):
-    from test_split_server import free_port
+    from test_split_server import start_server
 
-    port, out = free_port(), tmp_path / "server" / "adapter"
-    proc = subprocess.Popen([sys.executable, "-m", "privlora", "split", "serve", "--task", "causal-lm", "--depth", "1",
-                             "--port", str(port), "--out", str(out), "--lr", "0.01"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PRIVLORA_SPLIT_TOKEN": TOKEN})
-    url = f"http://127.0.0.1:{port}"
+    out = tmp_path / "server" / "adapter"
+    proc, url = start_server("--task", "causal-lm", "--depth", "1", "--out", str(out), "--lr", "0.01", token=TOKEN)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.3)
         env = {"PRIVLORA_SPLIT_TOKEN": TOKEN}
         run_dir = tmp_path / "run"
         trained = invoke_cli("split", "train", "--task", "causal-lm", "--server", url, "--limit", "40", "--steps",

@@ -38,26 +38,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("server") / "adapter"
+def start_server(*args: str, token: str = TOKEN) -> tuple[subprocess.Popen, str]:
+    """``privlora split serve ARGS`` on a free port, once /health answers: (the process, its URL)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "privlora", "split", "serve", "--depth", str(DEPTH), "--port", str(port),
-         "--out", str(out), "--max-body-mb", "1", "--max-batch", "16", "--log-level", "info"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PRIVLORA_SPLIT_TOKEN": TOKEN})
+    proc = subprocess.Popen([sys.executable, "-m", "privlora", "split", "serve", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PRIVLORA_SPLIT_TOKEN": token})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"server did not start: {proc.stdout.read() if proc.stdout else ''}")
         time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("server") / "adapter"
+    proc, url = start_server("--depth", str(DEPTH), "--out", str(out), "--max-body-mb", "1", "--max-batch", "16",
+                             "--log-level", "info")
     yield {"url": url, "out": out, "proc": proc}
     proc.terminate()
     log = proc.communicate(timeout=60)[0]

@@ -11,14 +11,13 @@ the adapter (``/save``).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
 
 import torch
 
-from privlora.config import SplitConfig, dump_config
+from privlora.config import SplitConfig
 from privlora.data.instructions import InstructionSet, load_instruction_dataset
 from privlora.errors import UserError
 from privlora.split.lm_models import LMSplitBottom
@@ -77,8 +76,7 @@ def lm_split_train(config: SplitConfig, top: TopEndpoint, *, progress: bool = Tr
     """Train a split causal LM against ``top`` and write the user's run directory (a SplitRun whose
     ``accuracy`` is NaN: the held-out figures are ``loss`` and ``summary['eval_perplexity']``)."""
     from privlora.progress import progress_bar
-    from privlora.runs import atomic_dir
-    from privlora.split.run import SplitRun, hold_out
+    from privlora.split.run import SplitRun, hold_out, write_split_run
 
     data = load_instruction_dataset(config.data.source, limit=config.data.limit)
     train_data, eval_data = hold_out(data, config.data.eval, config.seed)
@@ -107,13 +105,5 @@ def lm_split_train(config: SplitConfig, top: TopEndpoint, *, progress: bool = Tr
         "eval_perplexity": round(held["perplexity"], 3), "train_seconds": round(seconds, 2),
         "samples_per_second": round(config.optim.steps * config.optim.batch_size / seconds, 2),
     }
-    for key in ("bytes_sent", "bytes_received"):
-        if hasattr(top, key):
-            summary[key] = int(getattr(top, key))
-    from privlora.split.run import SPLIT_JSON
-
-    with atomic_dir(config.out) as tmp:
-        (tmp / "config.yaml").write_text(dump_config(config))
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp / SPLIT_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    write_split_run(config, top, rows, summary)
     return SplitRun(config.out, math.nan, held["loss"], summary)

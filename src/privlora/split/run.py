@@ -92,7 +92,6 @@ def split_train(config: SplitConfig, top: TopEndpoint, *, progress: bool = True)
 
 def _split_train_text(config: SplitConfig, top: TopEndpoint, *, progress: bool = True) -> SplitRun:
     from privlora.progress import progress_bar
-    from privlora.runs import atomic_dir
 
     data = load_text_dataset(config.data.source, limit=config.data.limit)
     train_data, eval_data = hold_out(data, config.data.eval, config.seed)
@@ -118,6 +117,16 @@ def _split_train_text(config: SplitConfig, top: TopEndpoint, *, progress: bool =
         "eval_loss": round(loss, 4), "train_seconds": round(seconds, 2),
         "samples_per_second": round(config.optim.steps * config.optim.batch_size / seconds, 2),
     }
+    write_split_run(config, top, rows, summary, bottom=bottom if bottom.trainable else None)
+    return SplitRun(Path(config.out), accuracy, loss, summary)
+
+
+def write_split_run(config: SplitConfig, top: TopEndpoint, rows: list[dict[str, Any]], summary: dict[str, Any],
+                    *, bottom: Any = None) -> None:
+    """The user's run directory, atomically: config.yaml, metrics.jsonl, split.json (with the bytes the
+    transport counted) and, for a trainable ``bottom``, its adapter."""
+    from privlora.runs import atomic_dir
+
     for key in ("bytes_sent", "bytes_received"):
         if hasattr(top, key):
             summary[key] = int(getattr(top, key))
@@ -125,9 +134,8 @@ def _split_train_text(config: SplitConfig, top: TopEndpoint, *, progress: bool =
         (tmp / "config.yaml").write_text(dump_config(config))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp / SPLIT_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-        if bottom.trainable:
+        if bottom is not None:
             bottom.save_adapter(tmp / BOTTOM_ADAPTER)
-    return SplitRun(Path(config.out), accuracy, loss, summary)
 
 
 def load_split_run(run_dir: Path) -> tuple[dict[str, Any], SplitBottom, Privatizer]:
