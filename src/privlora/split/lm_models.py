@@ -125,6 +125,23 @@ class LMSplitBottom:
         hidden = t.drop(t.wte(input_ids) + t.wpe(_positions(input_ids)))
         return _run_blocks(self.model, list(t.h[:self.depth]), hidden, attention_mask)
 
+    def forward_embeds(self, word_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The same from (relaxed) word embeddings ``[B, T, H]`` — what the inversion attack optimises
+        (:func:`privlora.split.attacks.eia_optimize`)."""
+        t = self.model.transformer
+        hidden = t.drop(word_embeds + t.wpe(_positions(word_embeds)))
+        return _run_blocks(self.model, list(t.h[:self.depth]), hidden, attention_mask)
+
+    @torch.no_grad()
+    def nearest_tokens(self, observed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per position, the token whose depth-0 state ``wte[v] + wpe[p]`` is nearest (L2) to ``observed``,
+        ``[B, T]``: the exact inversion at depth 0, the residual starting guess behind blocks."""
+        words = self.model.transformer.wte.weight.float()
+        shifted = observed.float() - self.model.transformer.wpe.weight[:observed.shape[1]].float()[None]
+        scores = (words ** 2).sum(dim=1) - 2 * shifted @ words.T  # ‖w_v‖² − 2 w_v·(o − pos)  [B, T, V]
+        out = scores.argmin(dim=-1)
+        return out.masked_fill(~attention_mask.bool(), int(self.task.pad_id))
+
     def head(self, top_hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, V]`` from the server's hidden states: ``ln_f`` and the LM head, on the user's side."""
         return self.model.lm_head(self.model.transformer.ln_f(top_hidden))
