@@ -220,3 +220,16 @@ def test_simulation_writes_every_clients_epsilon(tmp_path, extra) -> None:
     rounds = [m for m in result.rounds if m["round"] > 0]
     assert [m["sampled"] for m in rounds] == [3, 2] and [m["accepted"] for m in rounds] == [3, 2]
     assert report["epsilon"] == max(c["epsilon"] for c in report["clients"])
+
+
+def test_fedit_trains_a_and_b_by_dp_sgd_from_the_zero_b_start(tmp_path) -> None:
+    """FedIT's first round starts at B = 0, where ∂L/∂A is exactly zero on the first step: the dead-gradient
+    guard defers A's check to a later step instead of refusing the round, and both A and B move."""
+    cfg = config(strategy="fedit")
+    strategy, state = start(cfg, tmp_path)
+    layers = (len(state) - 2) // 2
+    assert all(not np.any(b) for b in state[layers:2 * layers])  # B starts at zero
+    upload, _, metrics = LoraClient(cfg, 0, RecordDict()).fit(state, {"rank": 8, **strategy.privacy.instructions(1),
+                                                                     "round": 1})
+    assert metrics["dp_steps"] == 3 and len(upload) == len(state)
+    assert all(np.any(u != 0) for u in upload[:2 * layers])  # every A and every B changed

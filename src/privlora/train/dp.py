@@ -77,15 +77,29 @@ class PrivateTraining:
         return mask.nonzero().flatten().tolist()
 
     def check_grad_samples(self) -> None:
-        """Raise if any trainable tensor got an all-zero per-sample gradient (silent-corruption guard)."""
+        """Raise if any trainable tensor got an all-zero per-sample gradient (silent-corruption guard).
+
+        A LoRA ``A`` whose ``B`` is exactly zero (LoRA's own start, when both train — FedIT's first round)
+        has ``∂L/∂A = s·Bᵀ(∂L/∂y)xᵀ = 0`` by construction, not by a grad-sampler fault: it is checked at a
+        later step instead (``checked`` stays False until every tensor has been seen non-zero)."""
         params = self.task.trainable_parameters()
+        named = dict(self.task.model.named_parameters())
+        names = {id(p): n for n, p in named.items()}
+
+        def zero_partner(p: torch.Tensor) -> bool:
+            name = names.get(id(p), "")
+            partner = named.get(name.replace("lora_A", "lora_B")) if "lora_A" in name else None
+            return partner is not None and not torch.any(partner != 0)
+
         missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
-        dead = [i for i, p in enumerate(params) if i not in missing and not torch.any(p.grad_sample != 0)]
+        zero = [i for i, p in enumerate(params) if i not in missing and not torch.any(p.grad_sample != 0)]
+        deferred = [i for i in zero if zero_partner(params[i])]
+        dead = [i for i in zero if i not in deferred]
         if missing or dead:
             raise RuntimeError(f"{len(dead)} LoRA tensors received all-zero per-sample gradients and "
                                f"{len(missing)} none at all (of {len(params)}; Opacus grad-sampler bug); "
                                "refusing to train silently wrong")
-        self.checked = True
+        self.checked = not deferred
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue exactly: the noise generator, the steps spent, and the
