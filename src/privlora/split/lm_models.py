@@ -146,10 +146,10 @@ class LMSplitBottom:
         """Logits ``[B, T, V]`` from the server's hidden states: ``ln_f`` and the LM head, on the user's side."""
         return self.model.lm_head(self.model.transformer.ln_f(top_hidden))
 
-    def loss(self, top_hidden: torch.Tensor, encoded: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response NLL per record and the response tokens per record, ``[B]`` each."""
-        nll, mask = response_nll(self.head(top_hidden), encoded)
-        return nll.sum(1), mask.sum(1)
+    def token_nll(self, top_hidden: torch.Tensor,
+                  encoded: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token response NLL of the user's head on the server's states and its mask, ``[B, T-1]`` each."""
+        return response_nll(self.head(top_hidden), encoded)
 
 
 class LMSplitTop:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from privlora.errors import UserError
 from privlora.split.lm_models import LMSplitBottom
 from privlora.split.privatizers import Privatizer, os_generator
 from privlora.split.train import TopEndpoint, batches
+from privlora.tasks.causal_lm import nll_summary
 
 
 def lm_train_step(bottom: LMSplitBottom, privatizer: Privatizer, top: TopEndpoint, batch: dict[str, Any],
@@ -34,8 +36,8 @@ def lm_train_step(bottom: LMSplitBottom, privatizer: Privatizer, top: TopEndpoin
     noised = privatizer(hidden, encoded["input_ids"], generator)
     step_id, out = top.forward(noised, encoded["attention_mask"], train=True)
     out = out.detach().requires_grad_(True)
-    nll, tokens = bottom.loss(out, encoded)
-    loss = (nll / tokens.clamp(min=1)).mean()
+    nll, mask = bottom.token_nll(out, encoded)
+    loss = (nll.sum(1) / mask.sum(1).clamp(min=1)).mean()
     loss.backward()
     assert step_id is not None and out.grad is not None
     top.backward(step_id, out.grad)
@@ -45,44 +47,33 @@ def lm_train_step(bottom: LMSplitBottom, privatizer: Privatizer, top: TopEndpoin
 @torch.no_grad()
 def lm_evaluate(bottom: LMSplitBottom, privatizer: Privatizer, top: TopEndpoint, data: InstructionSet, *,
                 batch_size: int, generator: torch.Generator) -> dict[str, float]:
-    """Mean per-record response NLL, per-token NLL and perplexity of ``data`` through the privatized pipeline."""
-    records, total, tokens = [], 0.0, 0
-    for start in range(0, len(data), batch_size):
-        encoded = bottom.encode(data.batch(list(range(start, min(start + batch_size, len(data))))))
-        noised = privatizer(bottom.forward(encoded["input_ids"], encoded["attention_mask"]), encoded["input_ids"],
-                            generator)
-        nll, count = bottom.loss(top.forward(noised, encoded["attention_mask"], train=False)[1], encoded)
-        records.append(nll / count.clamp(min=1))
-        total, tokens = total + float(nll.sum()), tokens + int(count.sum())
-    token_loss = total / max(tokens, 1)
-    return {"loss": float(torch.cat(records).mean()), "token_loss": token_loss,
-            "perplexity": math.exp(min(token_loss, 700.0)), "tokens": tokens}
+    """Mean per-record response NLL, per-token NLL and perplexity of ``data`` through the privatized pipeline
+    (the same figures as :meth:`CausalLMTask.score`, by :func:`~privlora.tasks.causal_lm.nll_summary`)."""
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(data), batch_size):
+            encoded = bottom.encode(data.batch(list(range(start, min(start + batch_size, len(data))))))
+            noised = privatizer(bottom.forward(encoded["input_ids"], encoded["attention_mask"]),
+                                encoded["input_ids"], generator)
+            yield bottom.token_nll(top.forward(noised, encoded["attention_mask"], train=False)[1], encoded)
 
-
-def check_lm_server(info: dict[str, Any], config: SplitConfig) -> int:
-    """The server's split depth; refuses a server that does not host a causal LM of this client's base."""
-    if info.get("task", "text") != "causal-lm":
-        raise UserError(f"the split server hosts a {info.get('task', 'text')} model; this client trains a causal "
-                        "LM: start the server with --task causal-lm")
-    if info.get("base") != config.base:
-        raise UserError(f"the split server runs base {info.get('base')!r} but this client is set to "
-                        f"{config.base!r}; both halves must come from the same model")
-    if config.optim.batch_size > int(info.get("max_batch", 64)):
-        raise UserError(f"batch size {config.optim.batch_size} over the server's limit {info['max_batch']}")
-    return int(info["depth"])
+    summary = nll_summary(batches())
+    if summary is None:
+        raise UserError("no held-out records to evaluate; raise data.eval")
+    return summary
 
 
 def lm_split_train(config: SplitConfig, top: TopEndpoint, *, progress: bool = True) -> Any:
     """Train a split causal LM against ``top`` and write the user's run directory (a SplitRun whose
     ``accuracy`` is NaN: the held-out figures are ``loss`` and ``summary['eval_perplexity']``)."""
     from privlora.progress import progress_bar
-    from privlora.split.run import SplitRun, hold_out, write_split_run
+    from privlora.split.run import SplitRun, check_server, hold_out, write_split_run
 
     data = load_instruction_dataset(config.data.source, limit=config.data.limit)
     train_data, eval_data = hold_out(data, config.data.eval, config.seed)
-    depth = check_lm_server(top.info(), config)
+    info = top.info()
+    depth = check_server(info, config)
     # records are cut to what the server accepts (its max_tokens; the task's 256 by default)
-    bottom = LMSplitBottom(depth, base=config.base, seed=config.seed, max_length=int(top.info().get("max_tokens", 256)))
+    bottom = LMSplitBottom(depth, base=config.base, seed=config.seed, max_length=int(info.get("max_tokens", 256)))
     options = config.privatizer
     privatizer = Privatizer(options.name, options.eta, 1.0, {})
     generator = os_generator()

@@ -65,15 +65,17 @@ def build_privatizer(options: SplitPrivatizerOptions, bottom: SplitBottom, train
     return Privatizer(options.name, options.eta, options.cti_boost if options.name == "cti" else 1.0, contributing)
 
 
-def check_server(info: dict[str, Any], classes: list[str], config: SplitConfig) -> int:
-    """The server's split depth; refuses a server whose head cannot hold the user's classes."""
-    if info.get("task", "text") != "text":
-        raise UserError(f"the split server hosts a {info['task']} model; this client trains a text classifier: "
-                        f"give --task {info['task']} (and that task's data)")
+def check_server(info: dict[str, Any], config: SplitConfig, classes: list[str] | None = None) -> int:
+    """The server's split depth; refuses a server of another task or base, or whose head cannot hold the
+    user's ``classes`` (a text classifier's; a causal LM has none)."""
+    served = info.get("task", "text")
+    if served != config.task:
+        raise UserError(f"the split server hosts a {served} model but this client trains task {config.task}: "
+                        f"give both the same --task ({served} here, or restart the server with --task {config.task})")
     if info.get("base") != config.base:
         raise UserError(f"the split server runs base {info.get('base')!r} but this client is set to "
                         f"{config.base!r}; both halves must come from the same model")
-    if info.get("num_labels") != len(classes):
+    if classes is not None and info.get("num_labels") != len(classes):
         raise UserError(f"the split server's head has {info.get('num_labels')} labels but the data has "
                         f"{len(classes)} ({', '.join(classes)}); restart it with --num-labels {len(classes)}")
     if config.optim.batch_size > int(info.get("max_batch", 64)):
@@ -95,7 +97,7 @@ def _split_train_text(config: SplitConfig, top: TopEndpoint, *, progress: bool =
 
     data = load_text_dataset(config.data.source, limit=config.data.limit)
     train_data, eval_data = hold_out(data, config.data.eval, config.seed)
-    depth = check_server(top.info(), data.classes, config)
+    depth = check_server(top.info(), config, data.classes)
     bottom = SplitBottom(depth, trainable=config.bottom == "trainable", seed=config.seed,
                          lora=TextLora(config.lora.rank, config.lora.alpha), base=base_path(config.base))
     privatizer = build_privatizer(config.privatizer, bottom, train_data)

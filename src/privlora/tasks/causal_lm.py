@@ -20,7 +20,7 @@ MP/SMP, audits) and train mode — which Opacus' hooks need — computes what ev
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +111,20 @@ def response_nll(logits: torch.Tensor, encoded: dict[str, torch.Tensor]) -> tupl
     nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0),
                                       reduction="none")
     return nll * mask, mask
+
+
+def nll_summary(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float] | None:
+    """Held-out figures from per-batch ``(nll·mask, mask)`` pairs (:func:`response_nll`): mean per-record
+    response NLL, NLL per token, perplexity (exp of that) and tokens; None without any record."""
+    records, total, tokens = [], 0.0, 0
+    for nll, mask in batches:
+        records.append(nll.sum(1) / mask.sum(1).clamp(min=1))
+        total, tokens = total + float(nll.sum()), tokens + int(mask.sum())
+    if not records:
+        return None
+    token_loss = total / max(tokens, 1)
+    return {"loss": float(torch.cat(records).mean()), "token_loss": token_loss,
+            "perplexity": float(torch.exp(torch.tensor(token_loss))), "tokens": tokens}
 
 
 class CausalLMTask:
@@ -271,16 +285,8 @@ class CausalLMTask:
     @torch.no_grad()
     def score(self, data: Any, batch_size: int = 16) -> dict[str, float] | None:
         """Mean per-record loss, token-level loss and perplexity of an InstructionSet (None when empty)."""
-        if len(data) == 0:
-            return None
-        records, total, tokens = [], 0.0, 0
-        for start in range(0, len(data), batch_size):
-            nll, mask = self.token_nll(self.encode(data.batch(list(range(start, min(start + batch_size, len(data)))))))
-            records.append(nll.sum(1) / mask.sum(1).clamp(min=1))
-            total, tokens = total + float(nll.sum()), tokens + int(mask.sum())
-        token_loss = total / max(tokens, 1)
-        return {"loss": float(torch.cat(records).mean()), "token_loss": token_loss,
-                "perplexity": float(torch.exp(torch.tensor(token_loss))), "tokens": tokens}
+        chunks = (list(range(start, min(start + batch_size, len(data)))) for start in range(0, len(data), batch_size))
+        return nll_summary(self.token_nll(self.encode(data.batch(idx))) for idx in chunks)
 
     # --- adapters ------------------------------------------------------------------------------------
     def save_adapter(self, path: str | Path) -> None:
