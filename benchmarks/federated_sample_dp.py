@@ -10,11 +10,14 @@ configs/fed-ffa.yaml (10 rounds × 20 local steps × expected batch 16, MiniLM, 
 * centralised DP-LoRA at the same ε: one client holding the union of the clients' data, trained for every
   client's steps of every round (the same samples processed), accounted the same way.
 
-σ is calibrated once per (ε, clients) so that the median-sized client ends at the target ε after every
-round, and ``dp.budget`` = the target: a smaller client (larger q = B/n) refuses the rounds that would take
-it past its budget and stops being sampled, a larger one spends less. Every client's ε is at most the
-target, by its own ledger. (Calibrating for the smallest client instead would give σ ≈ 9.5 at ε = 1 for
-everyone, because one client of 5 holds only 99 tweets.) The
+Two calibrations. *Shared σ* (``…-sdp-eps8``): one σ per (ε, clients), set so that the median-sized
+client ends at the target ε after every round, and ``dp.budget`` = the target: a smaller client (larger
+q = B/n) refuses the rounds that would take it past its budget and stops being sampled, a larger one
+spends less. (Calibrating for the smallest client instead would give σ ≈ 9.5 at ε = 1 for everyone,
+because one client of 5 holds only 99 tweets.) *Own σ* (``…-sdp-own-eps8``): ``dp.target_epsilon`` at
+sample level, each client calibrating σ to its own q so that it ends at the target after every round
+(federated/sample_dp.client_sigma) — every client trains every round. Every client's ε is at most the
+target, by its own ledger. The
 per-sample clip is fixed at C = 1 before any run (not tuned on these data). Each client's own ledger
 (privacy.json's ``clients`` list) is what the table reports, as its maximum over clients.
 
@@ -49,6 +52,8 @@ EPSILONS = (8.0, 3.0, 1.0)
 DELTA = 1e-5
 CLIP = 1.0
 STRATEGIES = ("ffa", "fedit")
+#: run-name infix → one σ shared by every client (True) or each client's own (False)
+CALIBRATIONS = {"": True, "-own": False}
 #: local steps per round by client count: 5 × 20 = 20 × 5 client-steps per round, the same samples processed
 LOCAL_STEPS = {5: 20, 20: 5}
 
@@ -68,8 +73,10 @@ def calibrated_sigma(config: FederatedConfig, epsilon: float) -> tuple[float, fl
     return noise_multiplier(epsilon, sample_rate=q, steps=steps, delta=DELTA), q
 
 
-def sample_dp(sigma: float, budget: float) -> dict[str, Any]:
-    return {"level": "sample", "mechanism": "gaussian", "noise_multiplier": sigma, "clip": CLIP, "delta": DELTA,
+def sample_dp(sigma: float | None, budget: float) -> dict[str, Any]:
+    """Sample-level DP at one shared σ, or (``sigma`` None) each client's own σ for the target ``budget``."""
+    calibration = {"noise_multiplier": sigma} if sigma is not None else {"target_epsilon": budget}
+    return {"level": "sample", "mechanism": "gaussian", **calibration, "clip": CLIP, "delta": DELTA,
             "budget": budget}
 
 
@@ -80,8 +87,10 @@ def variants(clients: int) -> dict[str, FederatedConfig]:
     for eps in EPSILONS:
         sigma, _ = calibrated_sigma(config_for("probe", clients, local), eps)
         for strategy in STRATEGIES:
-            name = f"{strategy}-{clients}c-sdp-eps{eps:g}"
-            out[name] = config_for(name, clients, local, strategy=strategy, dp=sample_dp(sigma, eps))
+            for calibration, shared in CALIBRATIONS.items():
+                name = f"{strategy}-{clients}c-sdp{calibration}-eps{eps:g}"
+                out[name] = config_for(name, clients, local, strategy=strategy,
+                                       dp=sample_dp(sigma if shared else None, eps))
         # centralised: the clients' DP-SGD on the union of their data, for every client's steps of every round
         name = f"central-{clients}c-dp-eps{eps:g}"
         central = config_for(name, clients, config_for("probe", clients, local).rounds * clients * local,
@@ -128,7 +137,9 @@ def run_variant(config: FederatedConfig) -> dict[str, Any]:
            "clip": config.dp.clip if config.dp else None,
            "epsilon_max_client": max(epsilons) if epsilons else None,
            "epsilon_min_client": min(epsilons) if epsilons else None,
-           "client_rounds": [c.get("rounds") for c in clients], "exhausted": [c.get("exhausted") for c in clients],
+           "client_rounds": [c.get("rounds") for c in clients],
+           "client_noise_multipliers": [c.get("noise_multipliers") for c in clients],
+           "exhausted": [c.get("exhausted") for c in clients],
            "seconds": time.perf_counter() - start, "accuracy_per_round": [m["accuracy"] for m in run.rounds]}
     eps = out["epsilon_max_client"]
     print(f"{config.name:<24} accuracy {out['accuracy']:.3f}  ε(max client) {'n/a' if eps is None else f'{eps:.2f}'}"
@@ -141,17 +152,19 @@ def table(results: dict[str, Any]) -> str:
     runs = results.get("runs", {})
     lines = ["| run | no DP | ε = 8 | ε = 3 | ε = 1 |", "|---|---|---|---|---|"]
     for clients in sorted({r["clients"] for r in runs.values() if r["strategy"] != "centralised"}):
-        for strategy in (*STRATEGIES, "central"):
+        rows = [(s, c) for s in STRATEGIES for c in CALIBRATIONS] + [("central", "")]
+        for strategy, calibration in rows:
             cells = []
             plain = runs.get(f"{strategy}-{clients}c")
             cells.append(f"{plain['accuracy']:.3f}" if plain else "—")
             for eps in EPSILONS:
                 key = f"central-{clients}c-dp-eps{eps:g}" if strategy == "central" else \
-                    f"{strategy}-{clients}c-sdp-eps{eps:g}"
+                    f"{strategy}-{clients}c-sdp{calibration}-eps{eps:g}"
                 r = runs.get(key)
                 cells.append("—" if r is None else f"{r['accuracy']:.3f} (ε {r['epsilon_max_client']:.2f})")
+            sigma = "each client's own σ" if calibration else "one σ"
             label = f"centralised DP-LoRA ({clients} clients' data)" if strategy == "central" else \
-                f"{'FFA-LoRA' if strategy == 'ffa' else 'FedIT'}, {clients} clients"
+                f"{'FFA-LoRA' if strategy == 'ffa' else 'FedIT'}, {clients} clients, {sigma}"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -186,9 +199,10 @@ def main() -> None:
             base = runs.get(f"{strategy}-{clients}c")
             if base is None:
                 continue
-            gaps = {f"eps{e:g}": round(100 * (base["accuracy"] - runs[k]["accuracy"]), 1)
-                    for e in EPSILONS if (k := f"{strategy}-{clients}c-sdp-eps{e:g}") in runs}
-            results.setdefault("points_below_non_dp", {})[f"{strategy}-{clients}c"] = gaps
+            for calibration in CALIBRATIONS:
+                gaps = {f"eps{e:g}": round(100 * (base["accuracy"] - runs[k]["accuracy"]), 1)
+                        for e in EPSILONS if (k := f"{strategy}-{clients}c-sdp{calibration}-eps{e:g}") in runs}
+                results.setdefault("points_below_non_dp", {})[f"{strategy}-{clients}c{calibration}"] = gaps
     write_json_atomic(RESULTS, results)
     TABLE.write_text(table(results))
     print(f"wrote {RESULTS} and {TABLE}")

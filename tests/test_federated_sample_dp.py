@@ -109,7 +109,13 @@ def test_ledger_round_trips_through_flower_state() -> None:
 
 def test_config_rules() -> None:
     with pytest.raises(ValidationError, match="noise_multiplier"):
-        config(dp={"noise_multiplier": None, "target_epsilon": 4.0})
+        config(dp={"noise_multiplier": None})
+    with pytest.raises(ValidationError, match="not both"):
+        config(dp={"target_epsilon": 4.0})
+    with pytest.raises(ValidationError, match="below dp.target_epsilon"):
+        config(dp={"noise_multiplier": None, "target_epsilon": 4.0, "budget": 3.0})
+    assert sample_dp.budget(config(dp={"noise_multiplier": None, "target_epsilon": 4.0})) == 4.0
+    assert sample_dp.budget(config()) is None
     with pytest.raises(ValidationError, match="placement"):
         config(dp={"placement": "distributed"}, secagg={"enabled": True})
     with pytest.raises(ValidationError, match="level sample"):
@@ -155,6 +161,46 @@ def test_the_client_runs_dp_sgd_keeps_its_ledger_and_refuses_past_its_budget(tmp
     assert report["unit"] == "one training sample of one client"
     assert [c["client"] for c in report["clients"]] == [0, 1, 2]
     assert report["clients"][0]["rounds"] == 1  # one round reported to this server in this test
+
+
+def test_each_client_calibrates_its_own_sigma_to_end_every_round_at_the_target(tmp_path) -> None:
+    """dp.target_epsilon at sample level: a small client (large q) gets a larger σ than a large one, each
+    ends exactly at the target after every round — by Google's dp-accounting too — and refuses one more."""
+    cfg = config(dp={"noise_multiplier": None, "target_epsilon": 3.0})
+    data = federated_data(cfg)
+    sizes = {k: len(data.client(k)) for k in range(cfg.clients)}
+    small, large = min(sizes, key=sizes.get), max(sizes, key=sizes.get)
+    assert sizes[small] < sizes[large]
+    sigma = {k: sample_dp.client_sigma(cfg, sizes[k]) for k in (small, large)}
+    assert sigma[small] > sigma[large]
+    steps = cfg.rounds * cfg.client.local_steps
+    for k in (small, large):
+        q = sample_dp.sample_rate(cfg, sizes[k])
+        ours = ClientLedger([(sigma[k], q, cfg.client.local_steps)] * cfg.rounds).epsilon(cfg.dp.delta)
+        theirs = dpa.rdp.RdpAccountant(orders=list(privacy.ORDERS)).compose(
+            dp_accounting_event([(sigma[k], q, steps)])).get_epsilon(cfg.dp.delta)
+        assert 2.9 <= ours <= 3.0 and ours == pytest.approx(theirs, rel=0.05)
+    strategy, state = start(cfg, tmp_path)
+    ins = {"rank": 8, **strategy.privacy.instructions(1)}
+    node = RecordDict()
+    for r in range(1, cfg.rounds + 1):
+        _, _, metrics = LoraClient(cfg, small, node).fit(state, {**ins, "round": r})
+        assert metrics["dp_noise_multiplier"] == sigma[small]
+    assert metrics["dp_epsilon"] <= 3.0
+    with pytest.raises(BudgetExhausted):  # the budget defaults to the target: one round more is refused
+        LoraClient(cfg, small, node).fit(state, {**ins, "round": cfg.rounds + 1})
+    strategy.privacy.observe([(None, type("R", (), {"metrics": metrics})())])
+    report = strategy.privacy.report()
+    assert report["budget"] == 3.0 and report["noise_multiplier"] is None and "own σ" in report["calibration"]
+    assert report["clients"][small]["noise_multipliers"] == [sigma[small]]
+
+
+def test_an_unreachable_target_is_one_clear_error() -> None:
+    from privlora.errors import UserError
+
+    cfg = config(dp={"noise_multiplier": None, "target_epsilon": 1e-9})
+    with pytest.raises(UserError, match="target_epsilon"):
+        sample_dp.client_sigma(cfg, 50)
 
 
 def test_secagg_plus_over_dp_sgd_uploads_is_the_plain_aggregate_of_the_same_uploads(tmp_path) -> None:

@@ -240,14 +240,16 @@ class FedClientOptions(Strict):
 class FedDPOptions(Strict):
     """Client-level DP (``level: client``): every client clips its upload and adds noise before it leaves
     the client. Sample-level DP (``level: sample``): every client runs DP-SGD on its own data
-    (``clip`` per sample, ``noise_multiplier`` per step) and keeps its own ε ledger, capped by ``budget``."""
+    (``clip`` per sample, ``noise_multiplier`` per step — or, with ``target_epsilon``, the σ at which that
+    client, taking part in every round, ends at the target) and keeps its own ε ledger, capped by ``budget``
+    (default: ``target_epsilon``)."""
 
     level: Literal["client", "sample"] = "client"
     budget: float | None = Field(None, gt=0)  # sample: a client refuses a round that would exceed this ε
     mechanism: Literal["none", "gaussian", "laplace"] = "none"
     clip: float = Field(1.0, gt=0)  # L2 bound (gaussian) or L1 bound (laplace) of one client's upload
     noise_multiplier: float | None = Field(None, gt=0)  # gaussian: σ (std = σ·clip)
-    target_epsilon: float | None = Field(None, gt=0)  # gaussian: find σ for this ε after all rounds
+    target_epsilon: float | None = Field(None, gt=0)  # gaussian: σ for this ε after all rounds (sample: per client)
     delta: float = Field(1e-5, gt=0, lt=1)
     placement: Literal["local", "distributed"] = "local"  # distributed: σ·clip/√m per client, needs secagg
     schedule: Literal["constant", "linear", "exponential"] = "linear"  # laplace: ε per round
@@ -265,9 +267,12 @@ class FedDPOptions(Strict):
         if self.mechanism == "gaussian" and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("dp.mechanism gaussian needs dp.noise_multiplier or dp.target_epsilon")
         if self.level == "sample":
-            if self.mechanism != "gaussian" or self.noise_multiplier is None:
+            if self.mechanism != "gaussian":
                 raise ValueError("dp.level sample is DP-SGD in each client: set dp.mechanism gaussian and "
-                                 "dp.noise_multiplier (cap each client's ε with dp.budget, not dp.target_epsilon)")
+                                 "dp.noise_multiplier (one σ for all) or dp.target_epsilon (each client its own σ)")
+            if self.target_epsilon is not None and self.budget is not None and self.budget < self.target_epsilon:
+                raise ValueError(f"dp.budget {self.budget:g} is below dp.target_epsilon {self.target_epsilon:g}: "
+                                 "every client would refuse its last rounds")
             if self.placement != "local":
                 raise ValueError("dp.level sample adds its noise inside each client's DP-SGD: dp.placement "
                                  "must be local")

@@ -10,7 +10,8 @@ weighting) is post-processing of DP-SGD's output, so it costs no ε.
 
 A client's ε composes over *its* rounds only: the ledger holds one ``(σ, q, steps)`` segment per round
 the client trained, and ε is :func:`privlora.privacy.epsilon` of that history (no second RDP sum). The
-client checks before training that the round keeps it within ``dp.budget``; otherwise it refuses
+client checks before training that the round keeps it within ``dp.budget`` (default ``dp.target_epsilon``,
+for which each client calibrates its own σ: :func:`client_sigma`); otherwise it refuses
 (:class:`BudgetExhausted`) and spends nothing. The ledger is the client's, kept in Flower's per-node
 ``Context.state`` (it persists across the rounds of a run), not the server's: a server that lost an
 upload would otherwise under-count what that client spent.
@@ -18,6 +19,7 @@ upload would otherwise under-count what that client spent.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Mapping
@@ -118,15 +120,42 @@ def sample_rate(config: FederatedConfig, n: int) -> float:
     return min(1.0, config.client.batch_size / n)
 
 
+def budget(config: FederatedConfig) -> float | None:
+    """The ε a client may not pass: ``dp.budget``, else ``dp.target_epsilon`` (None: no cap)."""
+    dp = config.dp
+    return dp.budget if dp.budget is not None else dp.target_epsilon
+
+
+@functools.lru_cache(maxsize=64)
+def _own_sigma(target: float, q: float, steps: int, delta: float) -> float:
+    try:
+        return privacy.noise_multiplier(target, sample_rate=q, steps=steps, delta=delta)
+    except privacy.TargetUnreachable as e:
+        raise UserError(f"{e} in {steps} DP-SGD steps at q = {q:.4g}: raise dp.target_epsilon or lower "
+                        "client.batch_size") from None
+
+
+def client_sigma(config: FederatedConfig, n: int) -> float:
+    """σ of this client's DP-SGD: ``dp.noise_multiplier``, or — with ``dp.target_epsilon`` — the σ at which
+    a client of ``n`` samples that trains every one of ``rounds`` rounds ends exactly at the target. One σ
+    for all would have to be set for some client: the small ones (large q = B/n) then run out of budget
+    after a few rounds, the large ones spend less than they could. Computed by the client from its own
+    ``n`` (which its reported q reveals anyway)."""
+    dp = config.dp
+    if dp.noise_multiplier is not None:
+        return float(dp.noise_multiplier)
+    if dp.target_epsilon is None:
+        raise UserError("dp.level sample needs dp.noise_multiplier (σ of each DP-SGD step) or dp.target_epsilon")
+    return _own_sigma(float(dp.target_epsilon), sample_rate(config, n), config.rounds * config.client.local_steps,
+                      float(dp.delta))
+
+
 def dp_parameters(config: FederatedConfig, n: int) -> Any:
     """The client's DP-SGD mechanism for one round (:class:`privlora.train.dp.DPParameters`)."""
     from privlora.train.accounting import DPParameters
 
-    dp = config.dp
-    if dp.noise_multiplier is None:
-        raise UserError("dp.level sample needs dp.noise_multiplier (σ of each DP-SGD step)")
-    return DPParameters(noise_multiplier=float(dp.noise_multiplier), max_grad_norm=float(dp.clip),
-                        sample_rate=sample_rate(config, n), delta=float(dp.delta),
+    return DPParameters(noise_multiplier=client_sigma(config, n), max_grad_norm=float(config.dp.clip),
+                        sample_rate=sample_rate(config, n), delta=float(config.dp.delta),
                         steps=config.client.local_steps, accountant="rdp")
 
 
@@ -168,7 +197,7 @@ def train_round(task: Any, data: Any, config: FederatedConfig, state: Any) -> tu
     and the metrics the client reports (its ε so far and the round's mechanism)."""
     params = dp_parameters(config, len(data))
     ledger = load_ledger(state)
-    ledger.admit(params.noise_multiplier, params.sample_rate, params.steps, params.delta, config.dp.budget)
+    ledger.admit(params.noise_multiplier, params.sample_rate, params.steps, params.delta, budget(config))
     loss = dp_local_train(task, data, config, params)
     ledger.record(params.noise_multiplier, params.sample_rate, params.steps)
     save_ledger(state, ledger)

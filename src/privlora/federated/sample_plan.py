@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from privlora import privacy
 from privlora.config import FederatedConfig
 from privlora.federated.partition import sample_clients
-from privlora.federated.sample_dp import UNIT, ClientLedger
+from privlora.federated.sample_dp import UNIT, ClientLedger, budget
 
 if TYPE_CHECKING:
     from flwr.common import FitRes, Scalar
@@ -46,12 +46,12 @@ class SampleLevelPlan:
         """Would one more round take this node's client past ``dp.budget``, by what it has reported? (A
         courtesy that keeps refusals out of SecAgg+ rounds, where a refusal halts the round for all;
         the client's own ledger is what enforces the budget.)"""
-        budget, who = self.config.dp.budget, self.partitions.get(node_id)
-        if budget is None or who is None:
+        cap, who = budget(self.config), self.partitions.get(node_id)
+        if cap is None or who is None:
             return False
         ledger = self.ledgers[who]
         s, q, k = ledger.segments[-1]
-        return ledger.epsilon_after(s, q, k, self.config.dp.delta) > budget
+        return ledger.epsilon_after(s, q, k, self.config.dp.delta) > cap
 
     def sample(self, node_ids: Sequence[int], round_number: int) -> list[int]:
         ids = [n for n in sorted(int(n) for n in node_ids) if not self.exhausted(n)]
@@ -96,7 +96,7 @@ class SampleLevelPlan:
         return max((ledger.epsilon(delta) for ledger in self.ledgers.values()), default=0.0)
 
     def clients(self) -> list[dict[str, Any]]:
-        delta, budget = self.config.dp.delta, self.config.dp.budget
+        delta, cap = self.config.dp.delta, budget(self.config)
         out = []
         for who in range(self.config.clients):
             ledger = self.ledgers.get(who, ClientLedger())
@@ -104,7 +104,8 @@ class SampleLevelPlan:
             out.append({"client": who, "epsilon": ledger.epsilon(delta), "epsilon_reported": self.reported.get(who),
                         "rounds": ledger.rounds, "steps": ledger.steps,
                         "exhausted": any(self.exhausted(n) for n in nodes),
-                        "sample_rates": sorted({q for _, q, _ in ledger.segments}), "budget": budget})
+                        "sample_rates": sorted({q for _, q, _ in ledger.segments}),
+                        "noise_multipliers": sorted({s for s, _, _ in ledger.segments}), "budget": cap})
         return out
 
     def report(self) -> dict[str, Any]:
@@ -114,8 +115,11 @@ class SampleLevelPlan:
                 "training": "DP-SGD in each client (opacus: Poisson batches, per-sample clipping, Gaussian noise "
                             "on the tensors the strategy trains)",
                 "accountant": "opacus RDP, Poisson-subsampled Gaussian, per client over the rounds it trained",
-                "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.clip, "delta": dp.delta,
-                "budget": dp.budget, "local_steps": self.config.client.local_steps,
+                "noise_multiplier": dp.noise_multiplier, "target_epsilon": dp.target_epsilon,
+                "calibration": "one σ for every client" if dp.noise_multiplier is not None else
+                               "each client its own σ: the target ε after every round at its own q",
+                "max_grad_norm": dp.clip, "delta": dp.delta, "budget": budget(self.config),
+                "local_steps": self.config.client.local_steps,
                 "rounds": len(self.recorded), "secagg": self.config.secagg.enabled,
                 "compression": self.config.compression,
                 "client_sampling": "fixed-size rounds; no amplification by client sampling is claimed",
