@@ -113,6 +113,9 @@ class DPOptions(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / (10 · N)
     accountant: Literal["rdp", "prv"] = "rdp"
+    #: per-sample: materialised per-sample gradients; ghost: Opacus' ghost clipping (norms only, two
+    #: backward passes) — the same mechanism and ε (train/dp_clipping.py)
+    clipping: Literal["per-sample", "ghost"] = "per-sample"
 
     @model_validator(mode="after")
     def _one_of(self) -> DPOptions:

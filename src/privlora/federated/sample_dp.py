@@ -179,7 +179,7 @@ def dp_local_train(task: Any, data: Any, config: FederatedConfig, params: Any) -
                 private.step(empty_batch=True)
                 continue
             loss = task.per_sample_loss(data.batch(idx))
-            loss.mean().backward()  # Opacus undoes the mean: per-sample gradients, then clip + noise
+            private.backward(loss)  # per-sample gradients, then clip + noise in step()
             if not private.checked:
                 private.check_grad_samples()
             private.step()

@@ -3,10 +3,12 @@
 A wrapper, not a flag: :class:`PrivateTraining` wraps the Task's denoiser for per-sample gradients and
 the optimizer for clipping + noise; the training loop stays the same.
 
-Per-sample gradients use Opacus' *functorch* mode: its default hooks mode returns all-zero per-sample
-gradients for ``Conv2d`` on channels_last inputs (diffusers UNets), which would silently drop the conv
-LoRA tensors. On the first non-empty batch after step 0 we check every LoRA tensor got a non-zero
-per-sample gradient (Opacus + PEFT has corrupted LoRA updates silently before, opacus#820).
+How each sample's gradient is clipped is a :mod:`privlora.train.dp_clipping` mode (``dp.clipping``):
+materialised per-sample gradients in Opacus' *functorch* mode (its default hooks mode returns all-zero
+per-sample gradients for ``Conv2d`` on channels_last inputs — diffusers UNets — which would silently drop
+the conv LoRA tensors), or ghost clipping. On the first non-empty batch after step 0 we check every LoRA
+tensor got a non-zero per-sample gradient (Opacus + PEFT has corrupted LoRA updates silently before,
+opacus#820).
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from typing import Any, Protocol
 
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 
 from privlora.errors import UserError
 from privlora.tasks.diffusion import DiffusionTask
 from privlora.train import accounting
 from privlora.train.accounting import DPParameters, resolve
+from privlora.train.dp_clipping import clipping_mode, describe
 
 __all__ = ["DPParameters", "GradientCanaryHook", "PrivateTraining", "resolve"]  # DPParameters, resolve: accounting
 
@@ -42,15 +44,15 @@ class PrivateTraining:
 
     def __init__(self, task: DiffusionTask, optimizer: torch.optim.Optimizer, params: DPParameters, *,
                  n: int, seed: int, gradient_canaries: GradientCanaryHook | None = None,
-                 accumulation: int = 1, physical_batch: int | None = None) -> None:
+                 accumulation: int = 1, physical_batch: int | None = None, clipping: str = "per-sample") -> None:
         self.task, self.params, self.n, self.accumulation = task, params, n, accumulation
-        self.physical_batch = physical_batch
-        task.denoiser = GradSampleModule(task.model, force_functorch=True, loss_reduction="mean")
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=params.noise_multiplier,
-                                     max_grad_norm=params.max_grad_norm,
-                                     expected_batch_size=max(1, round(params.sample_rate * n)),
-                                     loss_reduction="mean",
-                                     generator=torch.Generator(device=task.device).manual_seed(seed + 1))
+        self.physical_batch, self.clipping, self.mode = physical_batch, clipping, clipping_mode(clipping)
+        task.denoiser = self.mode.wrap(task.model, params.max_grad_norm)
+        self.optimizer = self.mode.optimizer(optimizer, noise_multiplier=params.noise_multiplier,
+                                             max_grad_norm=params.max_grad_norm,
+                                             expected_batch_size=max(1, round(params.sample_rate * n)),
+                                             loss_reduction="mean",
+                                             generator=torch.Generator(device=task.device).manual_seed(seed + 1))
         self.steps_taken = 0
         self.checked = False  # has check_grad_samples() passed on a real batch yet?
         if gradient_canaries is not None:
@@ -91,8 +93,9 @@ class PrivateTraining:
             partner = named.get(name.replace("lora_A", "lora_B")) if "lora_A" in name else None
             return partner is not None and not torch.any(partner != 0)
 
-        missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
-        zero = [i for i, p in enumerate(params) if i not in missing and not torch.any(p.grad_sample != 0)]
+        evidence = [self.mode.evidence(p) for p in params]
+        missing = [i for i, e in enumerate(evidence) if e is None]
+        zero = [i for i, e in enumerate(evidence) if e is not None and not torch.any(e != 0)]
         deferred = [i for i in zero if zero_partner(params[i])]
         dead = [i for i in zero if i not in deferred]
         if missing or dead:
@@ -131,12 +134,17 @@ class PrivateTraining:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def backward(self, losses: torch.Tensor) -> None:
+        """Backward pass of a (chunk of a) batch's per-sample losses ``[B]``, the way the clipping mode needs
+        it; :meth:`step` (or :meth:`accumulate`) then clips, sums and noises."""
+        self.mode.backward(self.task.denoiser, self.optimizer, losses)
+
     def step(self, *, empty_batch: bool = False) -> None:
         """Clip, add noise, update. An empty Poisson batch still takes a noise-only step (the accountant
-        counts it): Opacus is given zero-length per-sample gradients, as its own DataLoader would."""
+        counts it): Opacus is given no sample's gradient, as its own DataLoader would."""
         if empty_batch:
             for p in self.task.trainable_parameters():
-                p.grad_sample = p.new_zeros((0, *p.shape))
+                self.mode.empty(p)
         self.optimizer.step()
         self.steps_taken += 1
 
@@ -163,7 +171,7 @@ class PrivateTraining:
                 + (f"; one logical batch per step, processed in {self.accumulation} expected physical chunks, "
                    "noised once" if self.accumulation > 1 else ""),
                 "neighbouring": accounting.SAMPLE_NEIGHBOURS,
-                "unit": "sample-level (add/remove one training sample)"}
+                "unit": "sample-level (add/remove one training sample)", **describe(self.clipping)}
 
     def unwrap(self) -> None:
         """Restore the plain denoiser (removes Opacus hooks) before evaluation and saving."""

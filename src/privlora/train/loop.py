@@ -274,7 +274,7 @@ def _train_loop(config: TrainConfig, task: DiffusionTask, members: ImageSet, aux
                             steps=opts.max_steps)
         private = PrivateTraining(task, optimizer, dp_params, n=len(members), seed=config.seed,
                                   gradient_canaries=gradient_canaries, accumulation=accumulation,
-                                  physical_batch=opts.batch_size)
+                                  physical_batch=opts.batch_size, clipping=config.dp.clipping)
         sum_before_noise(world, private.optimizer)
     generator = torch.Generator().manual_seed(config.seed)
     sampler = _Sampler(len(members), opts.batch_size * accumulation, generator, private)

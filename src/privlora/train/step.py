@@ -111,7 +111,7 @@ def private_step(s: StepParts, batch: dict[str, Any], n: int, total_n: int, *, c
     for number, (chunk, _) in enumerate(pieces, start=1):
         with s.precision.autocast():
             losses = s.objective.per_sample_loss(chunk, s.generator)
-        losses.mean().backward()  # Opacus undoes the chunk's mean: per-sample gradients as for any chunking
+        s.private.backward(losses)  # per-sample gradients (or their norms) of the chunk, as for any chunking
         total += float(losses.detach().float().sum())
         if check and not s.private.checked:  # the first non-empty Poisson batch after step 0
             s.private.check_grad_samples()
