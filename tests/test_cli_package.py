@@ -100,6 +100,8 @@ def _literal(model: str, path: str) -> tuple[str, ...]:
     ("TASKS", lambda: _literal("TrainConfig", "task")),
     ("LR_SCHEDULERS", lambda: _literal("TrainConfig", "optim.lr_scheduler")),
     ("PRECISIONS", lambda: _literal("TrainConfig", "optim.mixed_precision")),
+    ("DP_CLIPPINGS", lambda: _literal("TrainConfig", "dp.clipping")),
+    ("DP_CLIPPINGS", lambda: importlib.import_module("privlora.train.dp_clipping").CLIPPING),
     ("STRATEGIES", lambda: _literal("FederatedConfig", "strategy")),
     ("FED_DP", lambda: _literal("FederatedConfig", "dp.mechanism")),
     ("COMPRESSIONS", lambda: _literal("FederatedConfig", "compression")),

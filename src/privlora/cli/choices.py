@@ -9,6 +9,7 @@ TASKS = ("image", "text", "causal-lm")  # TrainConfig.task
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                  "polynomial")  # OptimOptions.lr_scheduler
 PRECISIONS = ("no", "fp16", "bf16")  # OptimOptions.mixed_precision
+DP_CLIPPINGS = ("per-sample", "ghost")  # DPOptions.clipping, train.dp_clipping.CLIPPING
 STRATEGIES = ("ffa", "fedit", "flora")  # FederatedConfig.strategy
 FED_DP = ("none", "gaussian", "laplace")  # FedDPOptions.mechanism
 COMPRESSIONS = ("none", "int8")  # FederatedConfig.compression

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from privlora.cli.choices import LR_SCHEDULERS, MODES, PRECISIONS, REPORTERS, SPLITS, TASKS
+from privlora.cli.choices import DP_CLIPPINGS, LR_SCHEDULERS, MODES, PRECISIONS, REPORTERS, SPLITS, TASKS
 from privlora.cli.common import QUIET, choice, group, offline_defaults, one_line_errors, overrides
 
 base_app = group(help="The embedded base model: how it was made.")
@@ -82,6 +82,9 @@ def train(
     target_epsilon: float = typer.Option(None, "--target-epsilon", help="DP: calibrate σ to this ε."),
     max_grad_norm: float = typer.Option(None, "--max-grad-norm", help="DP: per-sample clipping norm C."),
     delta: float = typer.Option(None, help="DP: δ (default 1/(10·N))."),
+    dp_clipping: str = typer.Option(None, "--dp-clipping", click_type=choice(DP_CLIPPINGS),
+                                    help="DP: materialise per-sample gradients (per-sample, the default) or compute "
+                                    "only their norms (Opacus ghost clipping: two backward passes, same ε)."),
     alpha: float = typer.Option(None, help="MP/SMP: weight α of the attacker's loss."),
     beta: float = typer.Option(None, help="SMP: β in L_ada / (β + α·L_att)."),
     mp_attacker: str = typer.Option(None, "--mp-attacker", click_type=choice(("paper", "calibrated")),
@@ -127,8 +130,8 @@ def train(
         "data.text_column": text_column, "data.label_column": label_column, "data.split": split,
         "seed": seed, "optim.batch_size": batch_size, "optim.lr": lr, "lora.rank": rank,
         "dp.noise_multiplier": noise_multiplier, "dp.target_epsilon": target_epsilon,
-        "dp.max_grad_norm": max_grad_norm, "dp.delta": delta, "mp.alpha": alpha, "mp.beta": beta,
-        "mp.attacker": mp_attacker, "privacy_stop.every": privacy_stop_every,
+        "dp.max_grad_norm": max_grad_norm, "dp.delta": delta, "dp.clipping": dp_clipping,
+        "mp.alpha": alpha, "mp.beta": beta, "mp.attacker": mp_attacker, "privacy_stop.every": privacy_stop_every,
         "privacy_stop.max_advantage": max_advantage,
         "optim.gradient_accumulation_steps": gradient_accumulation_steps, "optim.lr_scheduler": lr_scheduler,
         "optim.lr_warmup_steps": lr_warmup_steps, "optim.mixed_precision": mixed_precision,
