@@ -125,11 +125,14 @@ def row(name: str, run: Path, results: dict[str, Any], privacy: dict[str, Any], 
     best = attacks[strongest]
     labels, columns = _scores(run / "audit" / "scores.csv")
     one_run = audit_bound(columns["rmia"], labels.astype(bool), delta=DELTA) if "rmia" in columns else None
+    early_stop = utility.get("early_stop") or privacy.get("early_stop")
+    if early_stop and "probe" in early_stop:  # the probe's ids are in the run's privacy.json: counts here
+        early_stop = {**early_stop, "probe": {k: len(v) for k, v in early_stop["probe"].items()}}
     return {
         "run": name, "mode": privacy.get("mode"), "epsilon": privacy.get("epsilon"),
         "delta": privacy.get("delta") if privacy.get("epsilon") is not None else None,
         "noise_multiplier": privacy.get("noise_multiplier"), "steps": privacy.get("training", {}).get("steps"),
-        "early_stop": utility.get("early_stop") or privacy.get("early_stop"),
+        "early_stop": early_stop,
         "members": results["members"], "nonmembers": results["nonmembers"],
         "heldout_loss": utility.get("loss_heldout"), "base_heldout_loss": utility.get("base_loss_heldout"),
         "fd": utility.get("fd_heldout"), "base_fd": utility.get("base_fd_heldout"),
