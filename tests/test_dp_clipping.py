@@ -12,27 +12,18 @@ import torch
 from privlora.config import load_config
 from privlora.errors import UserError
 from privlora.tasks.diffusion import DiffusionTask
-from privlora.tasks.loading import load_task
-from privlora.tasks.lora import LoraSpec
 from privlora.train.dp import DPParameters, PrivateTraining
 from privlora.train.dp_clipping import CLIPPING, clipping_mode
 from privlora.train.loop import train
+from test_dp import _lora_task  # the tests folder is on sys.path, as for conftest
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook", "ignore:Optimal order",
                                         "ignore:Using a non-full backward hook", "ignore::RuntimeWarning")
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 
-
-def _task(clip_targets: tuple[str, ...] = TARGETS) -> DiffusionTask:
-    """The embedded UNet + LoRA with B moved off zero (so every A has a gradient too)."""
-    task = load_task("embedded", LoraSpec(rank=4, alpha=4, targets=clip_targets), seed=0)
-    gen = torch.Generator().manual_seed(100)
-    with torch.no_grad():
-        for p in task.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    task.train()
-    return task
+def _task() -> DiffusionTask:
+    """The embedded UNet + LoRA on attention and convs with B moved off zero (test_dp's)."""
+    return _lora_task()[0]
 
 
 def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -141,11 +141,9 @@ def client_sigma(config: FederatedConfig, n: int) -> float:
     for all would have to be set for some client: the small ones (large q = B/n) then run out of budget
     after a few rounds, the large ones spend less than they could. Computed by the client from its own
     ``n`` (which its reported q reveals anyway)."""
-    dp = config.dp
+    dp = config.dp  # FedDPOptions guarantees one of the two at level sample
     if dp.noise_multiplier is not None:
         return float(dp.noise_multiplier)
-    if dp.target_epsilon is None:
-        raise UserError("dp.level sample needs dp.noise_multiplier (σ of each DP-SGD step) or dp.target_epsilon")
     return _own_sigma(float(dp.target_epsilon), sample_rate(config, n), config.rounds * config.client.local_steps,
                       float(dp.delta))
 

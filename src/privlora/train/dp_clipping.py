@@ -28,6 +28,8 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
+from privlora.errors import UserError
+
 
 @dataclass(frozen=True)
 class ClippingMode:
@@ -77,8 +79,6 @@ def clipping_mode(name: str) -> ClippingMode:
     try:
         return CLIPPING[name]
     except KeyError:
-        from privlora.errors import UserError
-
         raise UserError(f"unknown dp.clipping {name!r}: choose one of {', '.join(CLIPPING)}") from None
 
 
