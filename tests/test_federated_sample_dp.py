@@ -152,15 +152,39 @@ def test_the_client_runs_dp_sgd_keeps_its_ledger_and_refuses_past_its_budget(tmp
     assert len(uploads[0]) == len(state) // 2 + 1  # FFA: B and the head only
     # two rounds from the same start differ: Poisson batches and noise are fresh each time
     assert not all(np.array_equal(a, b) for a, b in zip(*uploads, strict=True))
-    with pytest.raises(BudgetExhausted):
-        LoraClient(cfg, 0, node).fit(state, {**ins, "round": 3})
+    refusal = LoraClient(cfg, 0, node).fit(state, {**ins, "round": 3})  # a reply, not a crash
+    assert refusal == ([], 0, {"partition": 0, sample_dp.REFUSED_KEY: 1})
     assert sample_dp.load_ledger(node).rounds == 2  # the refused round spent nothing
+    with pytest.raises(BudgetExhausted):  # under SecAgg+ a reply must carry a masked vector: a dropout
+        LoraClient(cfg.model_copy(update={"secagg": cfg.secagg.model_copy(update={"enabled": True})}), 0,
+                   node).fit(state, {**ins, "round": 3})
     # the server rebuilds the client's ledger from what it reported
     strategy.privacy.observe([(None, type("R", (), {"metrics": metrics})())])
     report = strategy.privacy.report()
     assert report["unit"] == "one training sample of one client"
     assert [c["client"] for c in report["clients"]] == [0, 1, 2]
     assert report["clients"][0]["rounds"] == 1  # one round reported to this server in this test
+
+
+def test_the_server_drops_a_refusal_and_never_samples_that_client_again(tmp_path) -> None:
+    """A client that cannot afford even its first round answers with a refusal: the round merges the
+    others, the refusing node is not sampled again, and its privacy.json entry spent nothing."""
+    from types import SimpleNamespace
+
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    cfg = config(dp={"budget": 1e-3})  # below any one round's ε: every client refuses
+    strategy, state = start(cfg, tmp_path)
+    ins = {"rank": 8, "round": 1, **strategy.privacy.instructions(1)}
+    upload, samples, metrics = LoraClient(cfg, 1, RecordDict()).fit(state, ins)
+    refusal = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(upload), samples, metrics)
+    params, out = strategy.aggregate_fit(1, [(SimpleNamespace(node_id=11), refusal)], [])
+    assert out["accepted"] == 0 and strategy.round_log["refused"] == 1
+    for a, b in zip(parameters_to_ndarrays(params), state, strict=True):  # nothing merged
+        np.testing.assert_array_equal(a, b)
+    assert 11 not in strategy.privacy.sample([10, 11, 12], 2)
+    entry = strategy.privacy.report()["clients"][1]
+    assert entry["exhausted"] and entry["rounds"] == 0 and entry["epsilon"] == 0.0
 
 
 def test_each_client_calibrates_its_own_sigma_to_end_every_round_at_the_target(tmp_path) -> None:
@@ -187,8 +211,9 @@ def test_each_client_calibrates_its_own_sigma_to_end_every_round_at_the_target(t
         _, _, metrics = LoraClient(cfg, small, node).fit(state, {**ins, "round": r})
         assert metrics["dp_noise_multiplier"] == sigma[small]
     assert metrics["dp_epsilon"] <= 3.0
-    with pytest.raises(BudgetExhausted):  # the budget defaults to the target: one round more is refused
-        LoraClient(cfg, small, node).fit(state, {**ins, "round": cfg.rounds + 1})
+    # the budget defaults to the target: one round more is refused
+    _, _, refusal = LoraClient(cfg, small, node).fit(state, {**ins, "round": cfg.rounds + 1})
+    assert refusal[sample_dp.REFUSED_KEY] == 1
     strategy.privacy.observe([(None, type("R", (), {"metrics": metrics})())])
     report = strategy.privacy.report()
     assert report["budget"] == 3.0 and report["noise_multiplier"] is None and "own σ" in report["calibration"]
@@ -279,3 +304,25 @@ def test_fedit_trains_a_and_b_by_dp_sgd_from_the_zero_b_start(tmp_path) -> None:
                                                                      "round": 1})
     assert metrics["dp_steps"] == 3 and len(upload) == len(state)
     assert all(np.any(u != 0) for u in upload[:2 * layers])  # every A and every B changed
+
+
+@pytest.mark.slow
+def test_simulation_a_client_that_cannot_afford_one_round_refuses_and_the_others_train(tmp_path) -> None:
+    """Flower's engine carries the refusal reply: no failure, the others' round merges, the refusing client
+    is never sampled again and spent nothing."""
+    from privlora.federated.run import federate
+
+    probe = config()
+    data = federated_data(probe)
+    rates = [sample_dp.sample_rate(probe, len(data.client(k))) for k in range(probe.clients)]
+    worst = rates.index(max(rates))
+    budget = ClientLedger([(1.0, max(rates), 3)]).epsilon(probe.dp.delta) * 0.999  # the worst cannot start
+    fits_two = [ClientLedger([(1.0, q, 3)] * 2).epsilon(probe.dp.delta) <= budget for q in rates]
+    result = federate(config(tmp_path, "sim", dp={"budget": budget}))
+    report = json.loads((result.run_dir / "privacy.json").read_text())
+    by_client = {c["client"]: c for c in report["clients"]}
+    assert by_client[worst]["rounds"] == 0 and by_client[worst]["epsilon"] == 0.0 and by_client[worst]["exhausted"]
+    assert all(by_client[k]["rounds"] == (2 if fits_two[k] else 1) for k in range(probe.clients) if k != worst)
+    rounds = [m for m in result.rounds if m["round"] > 0]
+    assert [m["sampled"] for m in rounds] == [3, sum(fits_two)] and [m["refused"] for m in rounds] == [1, 0]
+    assert [m["accepted"] for m in rounds] == [2, sum(fits_two)] and not any(m.get("failures") for m in rounds)

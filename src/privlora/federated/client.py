@@ -9,6 +9,7 @@ releases the difference as it is; privacy wraps it (:mod:`privlora.federated.dp_
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import lru_cache
 from typing import Any
@@ -25,7 +26,10 @@ from privlora.federated.compression import get_codec, wire_bytes
 from privlora.federated.data import federated_data
 from privlora.federated.dp_client import LocalRound, wrap_round
 from privlora.federated.rules import FLoRA
+from privlora.federated.sample_dp import REFUSED_KEY, BudgetExhausted
 from privlora.federated.tasks import FEDERATED_TASKS, federated_task, rule_for
+
+log = logging.getLogger(__name__)
 
 
 def _new_task(task: str, key: tuple, rank: int, alpha: float, targets: tuple[str, ...], seed: int) -> Any:
@@ -125,7 +129,13 @@ class LoraClient(NumPyClient):
             held = rule.load(task.model, parameters, seed=seed)
         else:
             held = rule.load(task.model, parameters)
-        loss, dp_metrics = self.local_round.train(task, local, seed)
+        try:
+            loss, dp_metrics = self.local_round.train(task, local, seed)
+        except BudgetExhausted as refusal:
+            if cfg.secagg.enabled:  # SecAgg+ cannot sum a reply without a masked vector: a dropout
+                raise
+            log.warning("client %d refuses round %d: %s", pid, round_number, refusal)
+            return [], 0, {"partition": pid, REFUSED_KEY: 1}
         # the server caps counts anyway; under SecAgg+ it cannot see them, so the honest client caps its own
         samples = min(len(local), int(cfg.sample_cap)) if cfg.sample_cap else len(local)
         weight = secagg.upload_factor(samples, secagg.max_weight(cfg), cfg.secagg.quantization_range) \

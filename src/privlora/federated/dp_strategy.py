@@ -197,6 +197,14 @@ class SampleLevelBudget(PrivacyWrapper):
 
     plan_type = SampleLevelPlan
 
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The round without the clients that refused it (counted in the round's ``refused``)."""
+        refused = self.privacy.refused(results)
+        kept = [r for r in results if all(r is not x for x in refused)]
+        self.inner.round_log["refused"] = len(refused)
+        return super().aggregate_fit(server_round, kept, failures)
+
 
 def wrap_strategy(config: FederatedConfig, strategy: Any, workdir: Path) -> PrivacyWrapper:
     """``strategy`` wrapped with the privacy ``config`` asks for."""

@@ -37,11 +37,14 @@ from privlora.errors import UserError
 UNIT = "one training sample of one client"
 #: where a client keeps its ledger in Flower's per-node Context.state
 STATE_KEY = "privlora-sample-ledger"
+#: the metric a client's reply carries when it refuses the round (no upload, no ε spent)
+REFUSED_KEY = "dp_refused"
 
 
 class BudgetExhausted(RuntimeError):
-    """A client refuses a round that would take its ε past ``dp.budget`` (a refusal, not a crash: the
-    server sees a failed client, SecAgg+ a dropout)."""
+    """A client refuses a round that would take its ε past ``dp.budget``. The client answers with a
+    refusal (:data:`REFUSED_KEY`, no upload) that the server drops and remembers; under SecAgg+, where a
+    reply without a masked vector cannot be summed, the refusal is a dropout instead."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from privlora import privacy
 from privlora.config import FederatedConfig
 from privlora.federated.partition import sample_clients
-from privlora.federated.sample_dp import UNIT, ClientLedger, budget
+from privlora.federated.sample_dp import REFUSED_KEY, UNIT, ClientLedger, budget
 
 if TYPE_CHECKING:
     from flwr.common import FitRes, Scalar
@@ -41,13 +41,16 @@ class SampleLevelPlan:
         self.round_sizes: dict[int, int] = {}
         self.recorded: set[int] = set()
         self.partitions: dict[int, int] = {}  # node id → the partition it reported (for the budget check)
+        self.refusals: set[int] = set()  # nodes that refused a round: never sampled again
 
     def exhausted(self, node_id: int) -> bool:
         """Would one more round take this node's client past ``dp.budget``, by what it has reported? (A
         courtesy that keeps refusals out of SecAgg+ rounds, where a refusal halts the round for all;
         the client's own ledger is what enforces the budget.)"""
+        if node_id in self.refusals:
+            return True
         cap, who = budget(self.config), self.partitions.get(node_id)
-        if cap is None or who is None:
+        if cap is None or who is None or who not in self.ledgers:
             return False
         ledger = self.ledgers[who]
         s, q, k = ledger.segments[-1]
@@ -66,6 +69,17 @@ class SampleLevelPlan:
 
     def max_norm(self, dims: int) -> float | None:
         return self.config.max_update_norm  # DP-SGD bounds samples' gradients, not the round's update
+
+    def refused(self, results: Sequence[tuple[Any, FitRes]]) -> list[tuple[Any, FitRes]]:
+        """The replies that refused the round (their nodes are not sampled again); :meth:`observe` and the
+        merge get the others. A refusal spends nothing: no ledger entry."""
+        out = [(proxy, res) for proxy, res in results if res.metrics.get(REFUSED_KEY)]
+        for proxy, res in out:
+            node = getattr(proxy, "node_id", None)
+            if node is not None:
+                self.refusals.add(int(node))
+                self.partitions[int(node)] = int(res.metrics["partition"])
+        return out
 
     def observe(self, results: Sequence[tuple[Any, FitRes]]) -> None:
         """Add each reporting client's round to its ledger (results without DP metrics are ignored)."""
