@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from privlora.audit.metrics import bootstrap_strongest_auc_gap
 from privlora.audit.one_run import audit_bound
 from privlora.audit.reference_pool import ReferencePool
 from privlora.audit.runner import audit_run
@@ -55,6 +56,7 @@ ROOT = HERE.parent
 CONFIG = ROOT / "configs" / "frontier-idcards.yaml"
 RESULTS = HERE / "results" / "frontier.json"
 TABLE = HERE / "results" / "frontier.md"
+DOMINANCE = HERE / "results" / "frontier_dominance.json"
 PLOT = ROOT / "docs" / "img" / "frontier.png"
 DELTA = 1e-5
 
@@ -126,12 +128,52 @@ def runs(profile: Profile) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def _scores(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _scores(path: Path) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """(ids, member labels, one column per attack and ``<attack>_base`` control), sorted by id: one order for
+    every run audited on the same samples."""
     with path.open() as f:
-        rows = list(csv.DictReader(f))
+        rows = sorted(csv.DictReader(f), key=lambda r: r["id"])
     labels = np.array([int(r["member"]) for r in rows])
     columns = {k: np.array([float(r[k]) for r in rows]) for k in rows[0] if k not in ("id", "member")}
-    return labels, columns
+    return [r["id"] for r in rows], labels, columns
+
+
+def _attacks(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The adapter's scores only (not the base-model controls)."""
+    return {k: v for k, v in columns.items() if not k.endswith("_base")}
+
+
+def dominance(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every membership-privacy row against every plain stopping point: the paired bootstrap interval of the
+    strongest-attack AUC gap (metrics.bootstrap_strongest_auc_gap) and whether the row *dominates* — a gap
+    interval wholly below 0 at an equal or lower held-out loss. Pairs whose scores are no longer on disk keep
+    the figures of the run that computed them."""
+    out = json.loads(DOMINANCE.read_text()) if DOMINANCE.exists() else {}
+    plain = [r for r in rows if r["mode"] == "plain" and not r.get("early_stop")]
+    for r in (r for r in rows if r["mode"] in ("smp", "mp")):
+        for p in plain:
+            a, b = Path(r.get("scores_csv", "")), Path(p.get("scores_csv", ""))
+            if not (a.is_file() and b.is_file()):
+                continue
+            ids, labels, cols_a = _scores(a)
+            ids_b, labels_b, cols_b = _scores(b)
+            if ids != ids_b or not np.array_equal(labels, labels_b):
+                raise SystemExit(f"{r['run']} and {p['run']} were audited on different samples")
+            gap, lo, hi = bootstrap_strongest_auc_gap(_attacks(cols_a), _attacks(cols_b), labels)
+            out[f"{r['run']} vs {p['run']}"] = {
+                "gap": gap, "gap_ci": [lo, hi], "heldout_loss": [r["heldout_loss"], p["heldout_loss"]],
+                "dominates": bool(hi < 0 and r["heldout_loss"] <= p["heldout_loss"])}
+    write_json_atomic(DOMINANCE, out)
+    return out
+
+
+def dominance_table(pairs: dict[str, Any]) -> str:
+    lines = ["| pair | strongest-AUC gap [95% paired CI] | held-out loss | dominates |", "|---|---|---|---|"]
+    for name, d in pairs.items():
+        lo, hi = d["gap_ci"]
+        lines.append(f"| {name} | {d['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {d['heldout_loss'][0]:.5f} vs "
+                     f"{d['heldout_loss'][1]:.5f} | {'yes' if d['dominates'] else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def row(name: str, run: Path, results: dict[str, Any], privacy: dict[str, Any], utility: dict[str, Any],
@@ -140,7 +182,7 @@ def row(name: str, run: Path, results: dict[str, Any], privacy: dict[str, Any], 
     attacks = results["attacks"]
     strongest = max(attacks, key=lambda a: attacks[a]["adapter"]["auc"])
     best = attacks[strongest]
-    labels, columns = _scores(run / "audit" / "scores.csv")
+    _, labels, columns = _scores(run / "audit" / "scores.csv")
     one_run = audit_bound(columns["rmia"], labels.astype(bool), delta=DELTA) if "rmia" in columns else None
     early_stop = utility.get("early_stop") or privacy.get("early_stop")
     if early_stop and "probe" in early_stop:  # the probe's ids are in the run's privacy.json: counts here
@@ -299,9 +341,10 @@ def main() -> None:
         return
     order = {name: i for i, (name, _) in enumerate(planned)}
     rows = sorted((r for r in _load_rows() if r.get("profile") == profile_name), key=lambda r: order.get(r["run"], 99))
-    TABLE.write_text(table(rows))
+    pairs = dominance(rows)
+    TABLE.write_text(table(rows) + ("\n" + dominance_table(pairs) if pairs else ""))
     plot(rows)
-    print(table(rows))
+    print(TABLE.read_text())
 
 
 if __name__ == "__main__":

@@ -85,3 +85,25 @@ def test_summary_is_consistent_and_bootstrap_brackets_the_auc():
 def test_bad_scores_are_user_errors(scores, labels, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         metrics.auc(np.array(scores), np.array(labels))
+
+
+def test_paired_strongest_auc_gap_sees_what_overlapping_intervals_hide() -> None:
+    """Run b leaks a little more than run a on the same samples: their separate AUC intervals overlap, the
+    paired interval of the gap lies below 0. The point estimate is sklearn's strongest AUC minus sklearn's."""
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(500), np.zeros(500)]
+    shared = rng.normal(size=y.size) + 0.3 * y
+    a = {"loss": shared, "weak": rng.normal(size=y.size)}
+    b = {"loss": shared + 0.1 * y}
+    lo_a, hi_a = metrics.bootstrap_auc(a["loss"], y)
+    lo_b, hi_b = metrics.bootstrap_auc(b["loss"], y)
+    assert lo_b < hi_a  # the runs' own intervals overlap
+    gap, lo, hi = metrics.bootstrap_strongest_auc_gap(a, b, y, rounds=300)
+    strongest_a = max(roc_auc_score(y, v) for v in a.values())
+    assert gap == pytest.approx(strongest_a - roc_auc_score(y, b["loss"]), abs=1e-12)
+    assert lo <= gap <= hi < 0
+    assert metrics.bootstrap_strongest_auc_gap(b, b, y, rounds=50) == (0.0, 0.0, 0.0)  # a run against itself
+    gap_ba, lo_ba, hi_ba = metrics.bootstrap_strongest_auc_gap(b, a, y, rounds=300)
+    assert gap_ba == pytest.approx(-gap) and lo_ba > 0
+    with pytest.raises(UserError):
+        metrics.bootstrap_strongest_auc_gap({}, b, y)
