@@ -202,7 +202,8 @@ class SampleLevelBudget(PrivacyWrapper):
         """The round without the clients that refused it (counted in the round's ``refused``)."""
         refused = self.privacy.refused(results)
         kept = [r for r in results if all(r is not x for x in refused)]
-        self.inner.round_log["refused"] = len(refused)
+        log = self.inner.round_log  # one call per edge in a hierarchy: the round's count is their sum
+        log["refused"] = log.get("refused", 0) + len(refused) if self.inner.edge else len(refused)
         return super().aggregate_fit(server_round, kept, failures)
 
 
