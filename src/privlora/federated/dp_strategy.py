@@ -203,7 +203,7 @@ class SampleLevelBudget(PrivacyWrapper):
         refused = self.privacy.refused(results)
         kept = [r for r in results if all(r is not x for x in refused)]
         log = self.inner.round_log  # one call per edge in a hierarchy: the round's count is their sum
-        log["refused"] = log.get("refused", 0) + len(refused) if self.inner.edge else len(refused)
+        log["refused"] = log.get("refused", 0) + len(refused) if getattr(self.inner, "edge", None) else len(refused)
         return super().aggregate_fit(server_round, kept, failures)
 
 
