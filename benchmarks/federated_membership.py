@@ -54,15 +54,21 @@ def matched_non_members(members_labels: list[int], test_labels: list[int], seed:
 
 def client_epsilon(privacy: dict, client: int) -> float | None:
     """The audited client's own ε: its ledger entry under sample-level DP, the run's ε otherwise."""
-    entries = privacy.get("clients")
-    if not entries:
+    entries = privacy.get("clients")  # client-level privacy.json: the client count, not a list
+    if not isinstance(entries, list) or not entries:
         return privacy.get("epsilon")
     entry = next((c for c in entries if c.get("client") == client), None)
     return None if entry is None else entry.get("epsilon")
 
 
-def main(sample_dp: bool = False) -> None:
+def main(sample_dp: bool = False, only: tuple[str, ...] = ()) -> None:
+    """Attack every run (``only``: just these, the others' figures kept)."""
     work, names = (SAMPLE_DP_WORK, SAMPLE_DP_RUNS) if sample_dp else (WORK, RUNS)
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise SystemExit(f"unknown runs: {', '.join(unknown)}; known: {', '.join(names)}")
+        names = tuple(only)
     missing = [r for r in names if not (work / r / "adapter").is_dir()]
     if missing and sample_dp:
         # its runs take ~8 min each: attack the ones that exist, name the rest
@@ -108,4 +114,5 @@ def main(sample_dp: bool = False) -> None:
 if __name__ == "__main__":
     import sys
 
-    main(sample_dp="--sample-dp" in sys.argv)
+    rest = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else []
+    main(sample_dp="--sample-dp" in sys.argv, only=tuple(a for a in rest if not a.startswith("--")))
