@@ -100,6 +100,12 @@ DP_RECIPE = {"lora.rank": 4, "lora.alpha": 8, "lora.targets": ["to_q", "to_k", "
              "dp.max_grad_norm": 0.02, "optim.lr": 5e-3, "dp.accountant": "rdp"}
 
 
+def _dp_row(epsilon: float, steps: int, batch: int) -> dict[str, Any]:
+    """The overrides of one DP row: the DP recipe at ``epsilon`` (δ = DELTA), ``steps`` Poisson batches of ``batch``."""
+    return {"mode": "dp", "optim.max_steps": steps, "optim.batch_size": batch, "dp.target_epsilon": epsilon,
+            "dp.delta": DELTA, **DP_RECIPE}
+
+
 def runs(profile: Profile) -> list[tuple[str, dict[str, Any]]]:
     """(name, config overrides) of every row, the longest plain run first (it sets the references' recipe)."""
     longest = max(profile.plain_steps)
@@ -110,18 +116,11 @@ def runs(profile: Profile) -> list[tuple[str, dict[str, Any]]]:
         for alpha in profile.smp_alphas:
             rows.append((f"smp-{attacker}-a{alpha:g}", {"mode": "smp", "optim.max_steps": profile.smp_steps,
                                                         "mp.alpha": alpha, "mp.attacker": attacker}))
-    for eps in profile.epsilons:
-        rows.append((f"dp-eps{eps:g}", {"mode": "dp", "optim.max_steps": profile.dp_steps,
-                                        "optim.batch_size": profile.dp_batch, "dp.target_epsilon": eps,
-                                        "dp.delta": DELTA, **DP_RECIPE}))
+    rows += [(f"dp-eps{eps:g}", _dp_row(eps, profile.dp_steps, profile.dp_batch)) for eps in profile.epsilons]
     if profile.dp_long_steps:
-        rows.append((f"dp-eps8-{profile.dp_long_steps}", {
-            "mode": "dp", "optim.max_steps": profile.dp_long_steps, "optim.batch_size": profile.dp_batch,
-            "dp.target_epsilon": 8.0, "dp.delta": DELTA, **DP_RECIPE}))
+        rows.append((f"dp-eps8-{profile.dp_long_steps}", _dp_row(8.0, profile.dp_long_steps, profile.dp_batch)))
     if profile.dp_large_batch:
-        rows.append((f"dp-eps8-b{profile.dp_large_batch}", {
-            "mode": "dp", "optim.max_steps": profile.dp_steps, "optim.batch_size": profile.dp_large_batch,
-            "dp.target_epsilon": 8.0, "dp.delta": DELTA, **DP_RECIPE}))
+        rows.append((f"dp-eps8-b{profile.dp_large_batch}", _dp_row(8.0, profile.dp_steps, profile.dp_large_batch)))
     rows.append(("plain-privacy-stop", {"mode": "plain", "optim.max_steps": longest,
                                         "privacy_stop.every": max(25, longest // 12),
                                         "privacy_stop.max_advantage": 0.2, "privacy_stop.probe": 256}))
@@ -149,14 +148,15 @@ def dominance(rows: list[dict[str, Any]]) -> dict[str, Any]:
     interval wholly below 0 at an equal or lower held-out loss. Pairs whose scores are no longer on disk keep
     the figures of the run that computed them."""
     out = json.loads(DOMINANCE.read_text()) if DOMINANCE.exists() else {}
+    on_disk = {r["run"]: _scores(Path(r["scores_csv"])) for r in rows
+               if r["mode"] in ("plain", "smp", "mp") and Path(r.get("scores_csv", "")).is_file()}
     plain = [r for r in rows if r["mode"] == "plain" and not r.get("early_stop")]
     for r in (r for r in rows if r["mode"] in ("smp", "mp")):
         for p in plain:
-            a, b = Path(r.get("scores_csv", "")), Path(p.get("scores_csv", ""))
-            if not (a.is_file() and b.is_file()):
+            if r["run"] not in on_disk or p["run"] not in on_disk:
                 continue
-            ids, labels, cols_a = _scores(a)
-            ids_b, labels_b, cols_b = _scores(b)
+            ids, labels, cols_a = on_disk[r["run"]]
+            ids_b, labels_b, cols_b = on_disk[p["run"]]
             if ids != ids_b or not np.array_equal(labels, labels_b):
                 raise SystemExit(f"{r['run']} and {p['run']} were audited on different samples")
             gap, lo, hi = bootstrap_strongest_auc_gap(_attacks(cols_a), _attacks(cols_b), labels)

@@ -143,15 +143,15 @@ def bootstrap_strongest_auc_gap(a: Mapping[str, np.ndarray], b: Mapping[str, np.
     same samples in the same order, and every resample draws the same members and non-members for both,
     so the sample noise they share cancels. Two runs whose separate AUC intervals overlap can still differ
     here; an interval below 0 says ``a`` leaks less than ``b`` to its strongest attack on these samples."""
-    labels = np.asarray(labels).astype(bool)
-    columns = {(run, k): _check(v, labels)[0] for run, cols in (("a", a), ("b", b)) for k, v in cols.items()}
     if not a or not b:
         raise UserError("a paired AUC gap needs at least one attack's scores for each run")
+    labels = np.asarray(labels).astype(bool)
+    runs = [[_check(v, labels)[0] for v in cols.values()] for cols in (a, b)]
 
     def gap(index: np.ndarray) -> float:
         y = labels[index]
-        best = {run: max(auc(v[index], y) for (r, _), v in columns.items() if r == run) for run in ("a", "b")}
-        return best["a"] - best["b"]
+        strongest_a, strongest_b = (max(auc(v[index], y) for v in run) for run in runs)
+        return strongest_a - strongest_b
 
     pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
     rng = np.random.default_rng(seed)

@@ -200,10 +200,10 @@ class SampleLevelBudget(PrivacyWrapper):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
         """The round without the clients that refused it (counted in the round's ``refused``)."""
-        refused = self.privacy.refused(results)
-        kept = [r for r in results if all(r is not x for x in refused)]
+        kept = self.privacy.drop_refusals(results)
+        refused = len(results) - len(kept)
         log = self.inner.round_log  # one call per edge in a hierarchy: the round's count is their sum
-        log["refused"] = log.get("refused", 0) + len(refused) if getattr(self.inner, "edge", None) else len(refused)
+        log["refused"] = log.get("refused", 0) + refused if getattr(self.inner, "edge", None) else refused
         return super().aggregate_fit(server_round, kept, failures)
 
 

@@ -50,7 +50,7 @@ class SampleLevelPlan:
         if node_id in self.refusals:
             return True
         cap, who = budget(self.config), self.partitions.get(node_id)
-        if cap is None or who is None or who not in self.ledgers:
+        if cap is None or who is None:
             return False
         ledger = self.ledgers[who]
         s, q, k = ledger.segments[-1]
@@ -70,16 +70,18 @@ class SampleLevelPlan:
     def max_norm(self, dims: int) -> float | None:
         return self.config.max_update_norm  # DP-SGD bounds samples' gradients, not the round's update
 
-    def refused(self, results: Sequence[tuple[Any, FitRes]]) -> list[tuple[Any, FitRes]]:
-        """The replies that refused the round (their nodes are not sampled again); :meth:`observe` and the
-        merge get the others. A refusal spends nothing: no ledger entry."""
-        out = [(proxy, res) for proxy, res in results if res.metrics.get(REFUSED_KEY)]
-        for proxy, res in out:
+    def drop_refusals(self, results: Sequence[tuple[Any, FitRes]]) -> list[tuple[Any, FitRes]]:
+        """The replies that did not refuse the round, for :meth:`observe` and the merge; the refusing nodes
+        are remembered and not sampled again. A refusal spends nothing: no ledger entry."""
+        kept = []
+        for proxy, res in results:
             node = getattr(proxy, "node_id", None)
-            if node is not None:
+            if not res.metrics.get(REFUSED_KEY):
+                kept.append((proxy, res))
+            elif node is not None:
                 self.refusals.add(int(node))
                 self.partitions[int(node)] = int(res.metrics["partition"])
-        return out
+        return kept
 
     def observe(self, results: Sequence[tuple[Any, FitRes]]) -> None:
         """Add each reporting client's round to its ledger (results without DP metrics are ignored)."""
